@@ -1,0 +1,83 @@
+"""The losses of MLS and its baselines, as pure functions.
+
+Notation follows the paper: ``q = z1`` is the query embedding, ``k = z2`` its key,
+``Q_z`` the queue of keys, ``p = q·Q_zᵀ`` the ``logits`` (N x D), ``y`` the binary
+pseudo-labels (N x D) and ``tau`` the temperature. ``valid`` is a boolean mask (D,)
+of queue entries that were written: the others take no part in any loss, and every
+mean over "D" entries runs over the valid ones only. All losses are computed in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _valid_mask(logits: Tensor, valid: Tensor | None) -> Tensor:
+    if valid is None:
+        return torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    return valid.to(device=logits.device, dtype=torch.bool)
+
+
+def infonce(q: Tensor, k: Tensor, queue_z: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
+    """MoCo-v2's InfoNCE: cross-entropy over ``[q·k+, q·Q_zᵀ] / tau`` with the positive at index 0."""
+    q = q.float()
+    return infonce_from_logits((q * k.float()).sum(dim=1), q @ queue_z.float().T, tau, valid)
+
+
+def infonce_from_logits(l_pos: Tensor, l_neg: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
+    """InfoNCE from ``l_pos = q·k+`` (N,) and ``l_neg = q·Q_zᵀ`` (N x D), so ``p`` is computed once."""
+    l_neg = l_neg.float().masked_fill(~_valid_mask(l_neg, valid), float("-inf"))
+    logits = torch.cat([l_pos.float()[:, None], l_neg], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def _binary_terms(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """``log σ(p/τ)`` and ``log(1 − σ(p/τ))``, computed stably."""
+    x = logits.float() / tau
+    return F.logsigmoid(x), F.logsigmoid(-x)
+
+
+def bce(
+    logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None, balanced: bool = False
+) -> Tensor:
+    """Eq. 9: ``−(1/D) Σ_i [y_i log σ(p_i/τ) + (1−y_i) log(1 − σ(p_i/τ))]``, averaged over the batch.
+
+    ``balanced=True`` averages the positive and the negative terms separately and sums
+    the two means, so that the ~D/k times more negatives do not drown the positives
+    (a variant the paper leaves open; see MLS_METHOD.md).
+    """
+    mask = _valid_mask(logits, valid).float()
+    y = labels.float() * mask
+    log_pos, log_neg = _binary_terms(logits, tau)
+    pos_term, neg_term = y * log_pos, (mask - y) * log_neg
+    if balanced:
+        n_pos = y.sum(dim=1).clamp(min=1)
+        n_neg = (mask - y).sum(dim=1).clamp(min=1)
+        return -(pos_term.sum(1) / n_pos + neg_term.sum(1) / n_neg).mean()
+    return -((pos_term + neg_term).sum(dim=1) / mask.sum().clamp(min=1)).mean()
+
+
+def bce_pos(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
+    """Eq. 15: ``−(1/D) Σ_i y_i log σ(p_i/τ)`` — BCE without its negative term."""
+    mask = _valid_mask(logits, valid).float()
+    log_pos, _ = _binary_terms(logits, tau)
+    return -((labels.float() * mask * log_pos).sum(dim=1) / mask.sum().clamp(min=1)).mean()
+
+
+def knn_softmax(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
+    """Eq. 10: ``−(1/N_pos) Σ_{i∈pos} log(exp(p_i/τ) / Σ_{k∈Q_z} exp(p_k/τ))``, averaged over the batch.
+
+    The softmax runs over the valid queue entries; a query without positives adds 0.
+    """
+    mask = _valid_mask(logits, valid)
+    x = (logits.float() / tau).masked_fill(~mask, float("-inf"))
+    log_prob = torch.log_softmax(x, dim=1).masked_fill(~mask, 0.0)
+    y = labels.float() * mask
+    n_pos = y.sum(dim=1)
+    per_query = -(y * log_prob).sum(dim=1) / n_pos.clamp(min=1)
+    return per_query.mean()
+
+
+EXTRA_LOSSES = {"bce": bce, "bce_pos": bce_pos, "knn": knn_softmax}
+"""The extra terms of Table 6, by the name the model and the CLI use."""

@@ -1,0 +1,42 @@
+"""Pseudo-label selection: each query's top-k neighbours in a queue are its positives.
+
+MLS selects with the backbone feature ``g1`` against ``Q_g`` (main paper Fig. 3); the
+Table 7 ablation selects with ``z1`` against ``Q_z``. Both go through ``select_topk``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def cosine_similarity(x: Tensor, bank: Tensor) -> Tensor:
+    """``s = x̂·Q̂ᵀ`` (N x D) in fp32, rows of both L2-normalised."""
+    return F.normalize(x.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+
+
+@torch.no_grad()
+def topk_indices(sim: Tensor, k: int, valid: Tensor | None = None) -> Tensor:
+    """Indices (N x k') of the ``k`` largest similarities among valid entries, k' = min(k, #valid)."""
+    if valid is not None:
+        k = min(k, int(valid.sum()))
+        sim = sim.masked_fill(~valid.to(sim.device), float("-inf"))
+    return sim.topk(k, dim=1).indices
+
+
+@torch.no_grad()
+def labels_from_indices(indices: Tensor, size: int) -> Tensor:
+    """Binary labels (N x size): 1 at the given indices of each row, 0 elsewhere."""
+    labels = torch.zeros(len(indices), size, device=indices.device)
+    return labels.scatter_(1, indices, 1.0)
+
+
+@torch.no_grad()
+def select_topk(x: Tensor, bank: Tensor, k: int, valid: Tensor | None = None) -> Tensor:
+    """Pseudo-labels ``y`` (N x D): 1 for the top-k cosine neighbours of each query in ``bank``.
+
+    ``x`` is ``g1`` (or ``z1``), ``bank`` is ``Q_g`` (or ``Q_z``); entries outside
+    ``valid`` are never selected, and fewer than k valid entries are all selected.
+    """
+    return labels_from_indices(topk_indices(cosine_similarity(x, bank), k, valid), bank.shape[0])

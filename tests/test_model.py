@@ -1,0 +1,160 @@
+"""The MLS module: settings, momentum update, gradient flow, wiring of queues and losses."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mls import MLS
+from mls.losses import bce, infonce, knn_softmax
+from mls.selection import select_topk
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    settings = dict(arch="resnet18", small_stem=True, queue_size=32, topk=4, momentum=0.9)
+    settings.update(kwargs)
+    return MLS(**settings)
+
+
+def views(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    return x, x + 0.1 * torch.randn(x.shape, generator=g)
+
+
+def fill_queue(model, seed=2):
+    """Random but valid queue contents, with index = row number."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.queue.size
+    entry = {"z": F.normalize(torch.randn(d, model.queue["z"].shape[1], generator=g), dim=1),
+             "index": torch.arange(d), "box": torch.rand(d, 4, generator=g)}
+    if "g" in model.queue:
+        entry["g"] = F.normalize(torch.randn(d, model.feature_dim, generator=g), dim=1)
+    model.queue.push(**entry)
+
+
+def capture_encodings(model):
+    """Record (g1, z1) and (g2, z2) of the next forward pass."""
+    seen = {}
+    enc_q, enc_k = model.encode_query, model.encode_key
+
+    def query(x):
+        seen["g1"], seen["z1"] = enc_q(x)
+        return seen["g1"], seen["z1"]
+
+    def key(x):
+        seen["g2"], seen["z2"] = enc_k(x)
+        return seen["g2"], seen["z2"]
+
+    model.encode_query, model.encode_key = query, key
+    return seen
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("topk", 32), ("topk", 40), ("tau", 0.0), ("tau", -1.0), ("momentum", 1.0), ("momentum", -0.1),
+     ("method", "simclr"), ("mls_loss", "focal"), ("select_from", "x"), ("arch", "vit_b_16"),
+     ("queue_size", 0), ("bce_tau", 0.0), ("queue_g_dtype", "int8")],
+)
+def test_invalid_settings_raise_naming_the_setting(setting, value):
+    with pytest.raises(ValueError, match=setting if setting != "arch" else "arch"):
+        tiny(**{setting: value})
+
+
+def test_key_encoder_is_momentum_average_after_a_step():
+    model = tiny(momentum=0.9)
+    with torch.no_grad():  # make key and query differ
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    pairs = [(q, k) for q_net, k_net in model.momentum_pairs() for q, k in zip(q_net.parameters(), k_net.parameters())]
+    before = [(q.detach().clone(), k.detach().clone()) for q, k in pairs]
+    assert len(pairs) == len(list(model.backbone_q.parameters())) + len(list(model.head_q.parameters()))
+    model(*views())
+    for (q, k), (q0, k0) in zip(pairs, before):
+        assert torch.equal(q, q0)
+        assert torch.allclose(k, 0.9 * k0 + 0.1 * q0, atol=1e-6)
+
+
+def test_only_z1_carries_gradient_and_nothing_reaches_key_encoder_or_queues():
+    model = tiny()
+    fill_queue(model)
+    seen = capture_encodings(model)
+    out = model(*views())
+    assert not seen["g2"].requires_grad and not seen["z2"].requires_grad
+    assert not any(b.requires_grad for b in model.queue.buffers())
+    assert not out["pos_sim"].requires_grad and not out["loss_extra"].requires_grad
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = torch.autograd.grad(out["loss"], params + [seen["g1"]], retain_graph=True, allow_unused=True)
+    # The loss reaches g1 only through the MLP: its gradient equals dL/dz1 pulled back through z1 alone.
+    (dz1,) = torch.autograd.grad(out["loss"], seen["z1"], retain_graph=True)
+    via_z1 = torch.autograd.grad(seen["z1"], params, grad_outputs=dz1, retain_graph=True, allow_unused=True)
+    for a, b in zip(full[:-1], via_z1):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.backbone_k.parameters())
+    assert all(p.grad is None for p in model.head_k.parameters())
+    assert not any(p.requires_grad for p in model.backbone_k.parameters())
+
+
+@pytest.mark.parametrize("mls_loss, loss_fn", [("bce", bce), ("knn", knn_softmax)])
+def test_losses_are_wired_to_the_queues_before_the_push(mls_loss, loss_fn):
+    model = tiny(mls_loss=mls_loss, bce_weight=0.5, bce_tau=0.1)
+    fill_queue(model)
+    queue_g, queue_z = model.queue["g"].clone(), model.queue["z"].clone()
+    seen = capture_encodings(model)
+    out = model(*views())
+    z1, z2, g1 = seen["z1"].detach(), seen["z2"], seen["g1"].detach()
+    labels = select_topk(g1, queue_g, 4)
+    expected_infonce = infonce(z1, z2, queue_z, 0.2)
+    expected_extra = loss_fn(z1 @ queue_z.T, labels, 0.1)
+    assert float(out["loss_infonce"]) == pytest.approx(float(expected_infonce), rel=1e-5)
+    assert float(out["loss_extra"]) == pytest.approx(float(expected_extra), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(expected_infonce + 0.5 * expected_extra), rel=1e-5)
+    # neighbours are reported by the dataset index stored in the queue (here: the row)
+    assert [set(r) for r in out["neighbor_index"].tolist()] == [set(torch.nonzero(r).flatten().tolist()) for r in labels]
+    # the keys went in after the old entries: rows 0..5 now hold z2 and ĝ2 of this batch
+    assert torch.allclose(model.queue["z"][:6], z2, atol=1e-6)
+    assert torch.allclose(model.queue["g"][:6], F.normalize(seen["g2"], dim=1), atol=1e-6)
+
+
+def test_select_from_z_uses_queue_z():
+    model = tiny(select_from="z")
+    assert "g" not in model.queue
+    fill_queue(model)
+    queue_z = model.queue["z"].clone()
+    seen = capture_encodings(model)
+    out = model(*views())
+    chosen = select_topk(seen["z1"].detach(), queue_z, 4)
+    assert [set(r) for r in out["neighbor_index"].tolist()] == [set(torch.nonzero(r).flatten().tolist()) for r in chosen]
+
+
+def test_mocov2_is_infonce_only_and_keeps_no_backbone_queue():
+    model = tiny(method="mocov2")
+    fill_queue(model)
+    out = model(*views())
+    assert "g" not in model.queue
+    assert float(out["loss"]) == float(out["loss_infonce"])
+
+
+def test_extra_loss_waits_for_a_full_queue_when_asked():
+    model = tiny(extra_after_full_queue=True, queue_size=16)
+    out = model(*views())  # 6 of 16 written
+    assert float(out["loss"]) == float(out["loss_infonce"])
+    fill_queue(model)
+    out = model(*views())
+    assert float(out["loss"]) == pytest.approx(float(out["loss_infonce"] + out["loss_extra"]), rel=1e-6)
+
+
+def test_empty_queue_gives_finite_losses():
+    out = tiny()(*views())
+    assert torch.isfinite(out["loss"]) and float(out["queue_fill"]) == 0
+    assert out["neighbor_index"].shape == (6, 0)
+
+
+def test_autocast_keeps_losses_in_fp32_and_queue_g_can_be_bf16():
+    model = tiny(queue_g_dtype="bfloat16")
+    assert model.queue["g"].dtype == torch.bfloat16
+    fill_queue(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*views())
+    assert out["loss"].dtype == torch.float32 and out["pos_sim"].dtype == torch.float32
+    assert model.queue["z"].dtype == torch.float32
