@@ -1,0 +1,111 @@
+"""MoCo-v2 augmentation that also reports where each view was cropped, and the two-view data set."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as F
+
+from mls.data.images import UnreadableImage
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class View(NamedTuple):
+    """One augmented view: the normalised image, its crop box in the source image, and whether it was flipped.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in source-image coordinates normalised to [0, 1], the same
+    whether or not the view was mirrored, so it can be drawn on the source as it is; ``flipped``
+    says that the view's left edge shows the box's right edge.
+    """
+
+    image: torch.Tensor
+    box: torch.Tensor
+    flipped: bool
+
+
+def blur_kernel_size(size: int) -> int:
+    """An odd Gaussian kernel of about 10% of the view size (SimCLR / MoCo-v2: 23 at 224 px)."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+class MoCoV2View:
+    """MoCo-v2's view (RandomResizedCrop, flip, colour jitter, grayscale, blur) with its crop box.
+
+    The crop is sampled by torchvision's own ``RandomResizedCrop.get_params``; each ``*_p`` is the
+    probability of that step, so 0 turns it off (a 64 px demo may want ``blur_p=0`` or a smaller
+    ``blur_sigma``).
+    """
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, jitter_p: float = 0.8,
+                 grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                 normalize: bool = True):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p),
+                        ("blur_p", blur_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} is a probability and must be between 0 and 1, got {p}")
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+        self.flip_p = flip_p
+        appearance = [  # jitter and grayscale are fastest on PIL images, the blur on float tensors
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=jitter_p),
+            v2.RandomGrayscale(p=grayscale_p),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma)], p=blur_p),
+        ]
+        if normalize:
+            appearance.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+        self.appearance = v2.Compose(appearance)
+
+    def __call__(self, img: Image.Image) -> View:
+        width, height = img.size
+        top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        crop = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        flipped = bool(torch.rand(()) < self.flip_p)
+        if flipped:
+            crop = F.horizontal_flip(crop)
+        box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+        return View(self.appearance(crop).as_subclass(torch.Tensor), box, flipped)
+
+
+class TwoViewDataset(Dataset):
+    """Two views of each source image, with their crop boxes, for MoCo / MLS pretraining.
+
+    An unreadable file is replaced by the next index (wrapping around), up to ``max_skips`` times;
+    ``failed`` counts the files skipped for this sample so that the training loop can sum and
+    report them across workers and ranks, and ``index`` is the image actually used.
+    """
+
+    def __init__(self, source, transform, max_skips: int = 16):
+        self.source = source
+        self.transform = transform
+        self.max_skips = max_skips
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        failures = []
+        for failed in range(min(self.max_skips, len(self.source) - 1) + 1):
+            index = (i + failed) % len(self.source)
+            try:
+                img = self.source.image(index)
+            except UnreadableImage as error:
+                failures.append(str(error))
+                continue
+            view1, view2 = self.transform(img), self.transform(img)
+            return {
+                "view1": view1.image, "view2": view2.image, "box1": view1.box, "box2": view2.box,
+                "flip1": view1.flipped, "flip2": view2.flipped, "index": index, "failed": failed,
+            }
+        raise RuntimeError(
+            f"{len(failures)} consecutive unreadable images from index {i}; the last: {failures[-1]}")
