@@ -23,7 +23,7 @@ from mls import distributed
 from mls.backbones import build_backbone, projection_head
 from mls.losses import EXTRA_LOSSES, infonce_from_logits
 from mls.queue import FeatureQueue
-from mls.selection import cosine_similarity, labels_from_indices, topk_indices
+from mls.selection import labels_from_indices, topk_indices
 
 QUEUE_G_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,6 +134,16 @@ class MLS(nn.Module):
             g, z = distributed.unshuffle_batch(g, perm), distributed.unshuffle_batch(z, perm)
         return g, F.normalize(z, dim=1)
 
+    @torch.no_grad()
+    def similarity_to_queue_g(self, g: Tensor) -> Tensor:
+        """``ĝ·Q_gᵀ`` in fp32: cosine similarity, since rows of ``Q_g`` are normalised when written.
+
+        With ``Q_g`` stored in bf16/fp16 the product reads it as stored (fp32 accumulation)
+        rather than making an fp32 copy of the whole queue each step.
+        """
+        bank = self.queue["g"]
+        return (F.normalize(g.float(), dim=1).to(bank.dtype) @ bank.T).float()
+
     def forward(self, x1: Tensor, x2: Tensor, meta: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """One training step's losses and diagnostics; pushes the keys into the queues.
 
@@ -155,7 +165,7 @@ class MLS(nn.Module):
             loss_infonce = infonce_from_logits((q * k).sum(1), l_neg, self.tau, valid)
 
             if self.select_from == "g" and "g" in self.queue:
-                sim = cosine_similarity(g1, self.queue["g"])
+                sim = self.similarity_to_queue_g(g1)
             else:  # Table 7: select with z1 in Q_z; both are normalised, so p is the cosine
                 sim = l_neg.detach()
             idx = topk_indices(sim, self.topk, valid)

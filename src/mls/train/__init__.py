@@ -1,0 +1,4 @@
+"""Pretraining with Lightning: ``pretrain()`` is the ``mls pretrain`` command."""
+from mls.train.run import pretrain
+
+__all__ = ["pretrain"]

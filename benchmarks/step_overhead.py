@@ -1,0 +1,142 @@
+"""Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch.
+
+Both steps (forward, backward, SGD update) are timed in one process, alternating, and the
+ratio of medians is printed, so that machine noise hits both alike. Peak memory is the CUDA
+allocator's peak on a GPU, and the growth of the process's peak RSS on a CPU (each method
+measured in a fresh subprocess).
+
+    python benchmarks/step_overhead.py                      # CPU: ResNet-18, 64 px, D = 16,384
+    python benchmarks/step_overhead.py --device cuda --arch resnet50 --image-size 224 \
+        --batch-size 256 --queue-size 65536 --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mls import MLS
+
+METHODS = {"mocov2": dict(method="mocov2"), "mls": dict(method="mls")}
+
+
+def build(args, method: str) -> tuple[MLS, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = MLS(arch=args.arch, queue_size=args.queue_size, topk=20, small_stem=args.small_stem,
+                queue_g_dtype=args.queue_g_dtype, **METHODS[method]).to(args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
+
+
+def make_step(args, model, optimizer):
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    meta = {"index": torch.arange(args.batch_size, device=args.device),
+            "box": torch.rand(args.batch_size, 4, device=args.device)}
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    def step():
+        with torch.autocast(args.device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x, x, meta)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fill(model, step) -> None:
+    """Run until the queue is full, so that every step does the full-size work."""
+    while not bool(model.queue.valid.all()):
+        step()
+
+
+def time_both(args) -> dict[str, list[float]]:
+    runs = {m: build(args, m) for m in METHODS}
+    steps = {m: make_step(args, *runs[m]) for m in METHODS}
+    for m in METHODS:
+        fill(runs[m][0], steps[m])
+        for _ in range(args.warmup):
+            steps[m]()
+    times = {m: [] for m in METHODS}
+    for _ in range(args.steps):
+        for m in METHODS:  # alternate, so drift hits both
+            sync(args.device)
+            start = time.perf_counter()
+            steps[m]()
+            sync(args.device)
+            times[m].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(args, method: str) -> float:
+    """Peak memory of a few steps of one method, in MiB."""
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        model, opt = build(args, method)
+        step = make_step(args, model, opt)
+        fill(model, step)
+        step()
+        return torch.cuda.max_memory_allocated() / 2**20
+    cmd = [sys.executable, __file__, "--measure-rss", method, *sys.argv[1:]]
+    return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
+
+def rss_of_one(args, method: str) -> float:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, opt = build(args, method)
+    step = make_step(args, model, opt)
+    fill(model, step)
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--small-stem", action="store_true")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--queue-size", type=int, default=16384)
+    parser.add_argument("--queue-g-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--measure-rss", choices=list(METHODS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_rss:
+        print(rss_of_one(args, args.measure_rss))
+        return
+    times = time_both(args)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    mem = {m: peak_memory(args, m) for m in METHODS}
+    setting = (f"{args.arch} {args.image_size}px batch {args.batch_size} D={args.queue_size} "
+               f"{args.precision} Q_g {args.queue_g_dtype} on {args.device}"
+               + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    print(f"setting: {setting}, {args.steps} alternating steps")
+    print(f"{'method':8} {'median step (ms)':>17} {'peak memory (MiB)':>18}")
+    for m in METHODS:
+        print(f"{m:8} {1000 * med[m]:17.1f} {mem[m]:18.0f}")
+    print(f"ratio MLS / MoCo-v2: time {med['mls'] / med['mocov2']:.3f}x, memory {mem['mls'] / mem['mocov2']:.3f}x")
+    print(json.dumps({"setting": setting, "time_ratio": med["mls"] / med["mocov2"],
+                      "memory_ratio": mem["mls"] / mem["mocov2"], "median_s": med, "peak_mib": mem}))
+
+
+if __name__ == "__main__":
+    main()

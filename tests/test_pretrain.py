@@ -1,0 +1,132 @@
+"""End-to-end pretraining: CLI, checkpoints and logs, resume, torchrun, bad input."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from mls.checkpoint import load_pretrained, read_checkpoint
+from mls.cli import main
+from mls.train import pretrain
+
+TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
+
+
+def tiny_args(out, **overrides):
+    settings = {**TINY, "out": str(out), **overrides}
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
+def metrics(out):
+    (path,) = (Path(out) / "csv").glob("version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_pretrain_writes_checkpoint_and_logs_and_exports(tmp_path):
+    main(["pretrain", *tiny_args(tmp_path / "run", epochs=1, max_steps=3)])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    rows = metrics(tmp_path / "run")
+    logged = {k for row in rows for k, v in row.items() if v}
+    for name in ("train/loss", "train/loss_infonce", "train/loss_extra", "train/lr", "train/pos_sim",
+                 "train/queue_fill", "train/label_precision", "train/images_per_sec"):
+        assert name in logged
+    assert any((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    model, info = load_pretrained(ckpt)
+    assert info["model"]["queue_size"] == 24 and info["data"]["num_images"] == 48
+    assert int(model.queue.count) == 24  # 3 steps x 8 keys
+
+    main(["export", str(ckpt), "--format", "torchvision", "--out", str(tmp_path / "r18.pth")])
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(tmp_path / "r18.pth"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert torch.equal(net.layer4[1].conv2.weight, model.backbone_q.layer4[1].conv2.weight)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    """2 epochs straight == 1 epoch, stop, resume, 1 epoch: same weights and queues (CPU, exact up to 1e-6)."""
+    common = dict(TINY, epochs=2, seed=3)
+    steps_per_epoch = TINY["num_images"] // TINY["batch_size"]
+    straight = pretrain(out=str(tmp_path / "straight"), **common)
+    pretrain(out=str(tmp_path / "split"), max_steps=steps_per_epoch, **common)
+    resumed = pretrain(out=str(tmp_path / "split"), resume="auto", **common)
+    a, b = read_checkpoint(straight), read_checkpoint(resumed)
+    assert a["global_step"] == b["global_step"] == 2 * steps_per_epoch
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    assert torch.equal(a["state_dict"]["model.queue.field_index"], b["state_dict"]["model.queue.field_index"])
+
+
+@pytest.mark.distributed
+def test_torchrun_two_process_ddp_smoke(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "mls.cli", "pretrain", *tiny_args(out, epochs=1, max_steps=2, devices=2, strategy="ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _ = load_pretrained(out / "checkpoints" / "last.ckpt")
+    # 2 steps x 2 ranks x 8 keys, gathered from both ranks: 32 distinct images would overflow 24
+    assert int(model.queue.count) == 24
+    assert len(set(model.queue["index"].tolist())) == 24
+
+
+def write_images(folder: Path, n: int, size=(40, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.jpg")
+
+
+def test_missing_and_empty_folders_fail_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        pretrain(data=str(tmp_path / "missing"), out=str(tmp_path / "a"), **TINY)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image"):
+        pretrain(data=str(tmp_path / "empty"), out=str(tmp_path / "b"), **TINY)
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_odd_and_corrupt_images_are_read_or_skipped_and_counted(tmp_path):
+    folder = tmp_path / "imgs"
+    write_images(folder, 42)  # with the 6 below: 48 files, 6 full batches, every file read once
+    Image.new("L", (50, 30), 128).save(folder / "gray.png")
+    Image.new("RGBA", (30, 50), (255, 0, 0, 128)).save(folder / "rgba.png")
+    Image.new("CMYK", (40, 40), (0, 255, 0, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40).save(folder / "deep16.png")
+    Image.new("RGB", (3, 5), (0, 0, 255)).save(folder / "tiny.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    pretrain(data=str(folder), out=str(tmp_path / "run"), epochs=1, **{**TINY, "queue_size": 16})
+    rows = metrics(tmp_path / "run")
+    skipped = [float(r["train/skipped_images"]) for r in rows if r.get("train/skipped_images")]
+    assert skipped == [1.0]  # one unreadable file, skipped once in the epoch
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_too_many_unreadable_images_stop_the_run(tmp_path):
+    folder = tmp_path / "imgs"
+    write_images(folder, 30)
+    for i in range(10):
+        (folder / f"broken{i}.jpg").write_bytes(b"not an image")
+    with pytest.raises(RuntimeError, match="unreadable"):
+        pretrain(data=str(folder), out=str(tmp_path / "run"), epochs=1, max_failed_share=0.1,
+                 **{**TINY, "queue_size": 16})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"queue_size": 48}, "queue_size"), ({"queue_size": 100}, "queue_size"), ({"topk": 24}, "topk"),
+     ({"tau": 0.0}, "tau"), ({"momentum": 1.0}, "momentum"), ({"batch_size": 64}, "batch_size"),
+     ({"arch": "vgg16"}, "arch")],
+)
+def test_impossible_settings_are_rejected_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(out=str(tmp_path / "run"), epochs=1, **{**TINY, **overrides})
+    assert not (tmp_path / "run" / "checkpoints").exists()
