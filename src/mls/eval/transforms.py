@@ -1,0 +1,19 @@
+"""Image transforms of the classification protocols: RandomResizedCrop + flip to train, resize + centre crop to test."""
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(size: int) -> T.Compose:
+    """Training augmentation of supervised fine-tuning, ImageNet-normalised."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def test_transform(size: int) -> T.Compose:
+    """Resize the short side to size / 0.875, then take the central ``size`` x ``size`` crop (224 from 256)."""
+    return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
