@@ -1,0 +1,113 @@
+"""Training curves from a Lightning ``CSVLogger`` ``metrics.csv``: one panel per logged quantity."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from mls.export import atomic_write, ensure_writable
+
+# What the trainer logs, in the order the panels appear; other logged columns follow.
+KNOWN = {
+    "train/loss": "total loss",
+    "train/loss_infonce": "InfoNCE loss",
+    "train/loss_extra": "extra loss (BCE / BCE-pos / k-NN)",
+    "train/pos_sim": "similarity of the selected neighbours",
+    "train/queue_fill": "queue fill",
+    "train/label_precision": "pseudo-label precision",
+    "train/lr": "learning rate",
+    "train/images_per_sec": "throughput (images/s)",
+}
+AXES = ("step", "epoch")
+PANEL_INCHES = (4.0, 3.0)
+DPI = 100
+COLUMNS = 3
+
+
+def find_metrics(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else the most recently written ``metrics.csv`` below it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is neither a metrics.csv file nor a log folder")
+    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no metrics.csv under {str(path)!r}; expected a Lightning CSVLogger folder")
+    return found[-1]
+
+
+def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Series ``{column: [(step, value), ...]}`` of every logged metric, skipping empty cells.
+
+    The x value is ``step`` when logged, else ``epoch``, else the row number.
+    """
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{str(path)!r} holds no logged rows")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for n, row in enumerate(rows):
+        x = next((float(row[a]) for a in AXES if row.get(a) not in (None, "")), float(n))
+        for name, cell in row.items():
+            if name in AXES or name is None or cell in (None, ""):
+                continue
+            try:
+                value = float(cell)
+            except ValueError:
+                continue
+            series.setdefault(name, []).append((x, value))
+    return series
+
+
+def panel_order(names: list[str]) -> list[str]:
+    """Known quantities first, in the trainer's order, then any other logged column alphabetically."""
+    known = [n for n in KNOWN if n in names]
+    return known + sorted(n for n in names if n not in KNOWN)
+
+
+def plot_curves(metrics: str | Path, out: str | Path, columns: int = COLUMNS) -> list[str]:
+    """Draw one panel per logged quantity and save the figure; return the plotted column names.
+
+    Each panel is ``PANEL_INCHES`` at ``DPI``, so the image is ``columns`` x rows panels in size.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ensure_writable(out)
+    path = find_metrics(metrics)
+    series = read_metrics(path)
+    names = panel_order(list(series))
+    if not names:
+        raise ValueError(f"{str(path)!r} has no metric columns besides {', '.join(AXES)}")
+    columns = min(columns, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI)
+    for ax, name in zip(axes.flat, names):
+        xs, ys = zip(*series[name])
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_title(KNOWN.get(name, name), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if name == "train/lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format=Path(out).suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return names
+
+
+def plot(metrics: str, out: str = "curves.png") -> None:
+    """Plot training curves (losses, lr, throughput, pseudo-label precision) from a CSV log.
+
+    Args:
+        metrics: A Lightning ``metrics.csv``, or a log folder searched for the latest one.
+        out: Output image (``.png``, ``.pdf``, ``.svg``).
+    """
+    names = plot_curves(metrics, out)
+    print(f"plotted {len(names)} panels ({', '.join(names)}) to {out}")
