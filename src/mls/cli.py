@@ -14,6 +14,20 @@ def _commands() -> dict:
     """Sub-commands, imported here so that ``mls --help`` lists them all."""
     commands: dict = {}
     # Each sub-command registers itself below with one line.
+    from mls.train import pretrain
+    commands["pretrain"] = pretrain
+    from mls.data.synthetic import synth
+    commands["synth"] = synth
+    from mls.export import export
+    from mls.viz.curves import plot
+    from mls.viz.neighbors import neighbors
+    commands["visualize"] = {"neighbors": neighbors}
+    commands["plot"] = plot
+    commands["export"] = export
+    from mls.eval.commands import finetune, knn, linear
+    commands["eval"] = {"linear": linear, "finetune": finetune, "knn": knn}
+    from mls.transfer.commands import detect, segment
+    commands["transfer"] = {"detect": detect, "segment": segment}
     return commands
 
 

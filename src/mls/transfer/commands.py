@@ -1,0 +1,267 @@
+"""``mls transfer {detect,segment}``: fine-tune a pretrained backbone on dense tasks, repeat, and report.
+
+Each protocol's paper schedule is the default (``DETECTION``, ``SEGMENTATION``); every option overrides
+it, and ``--config configs/transfer_*.yaml`` sets several at once. Under ``torchrun`` every process
+trains (DDP, SyncBatchNorm); the first one evaluates and writes the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import Callable, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from mls.checkpoint import load_backbone
+from mls.eval.report import summarise, write_report
+from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
+from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
+from mls.transfer.segmentation import DILATABLE, build_fcn, evaluate_segmentation, segmentation_losses
+from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, train_transform
+from mls.transfer.training import TransferModule, check_positive, make_trainer, per_device_batch, poly, \
+    warmup_multistep
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionProtocol:
+    """A detectron2-style schedule: SGD, linear warm-up, x0.1 at ``steps``; multi-scale training sizes."""
+
+    runs: int
+    max_iters: int
+    steps: tuple[int, ...]
+    warmup_iters: int
+    train_sizes: tuple[int, ...]
+    image_size: int  # shorter side at test time
+    max_size: int = 1333
+    batch_size: int = 16
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+
+
+DETECTION = {
+    # Mask R-CNN R50-FPN 1x (detectron2): 90k iterations, batch 16, lr 0.02, steps 60k/80k, 640-800 px.
+    "coco": DetectionProtocol(1, 90_000, (60_000, 80_000), 1000, tuple(range(640, 801, 32)), 800),
+    # MoCo's VOC07+12 protocol: 24k iterations, batch 16, lr 0.02, steps 18k/22k, 480-800 px.
+    "voc": DetectionProtocol(5, 24_000, (18_000, 22_000), 100, tuple(range(480, 801, 32)), 800),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationProtocol:
+    """An mmsegmentation FCN-D8 schedule: SGD, poly decay to ``min_lr``, random rescale and crop."""
+
+    max_iters: int
+    batch_size: int
+    scale: tuple[int, int]  # (h, w) the images are fitted into, before the random ratio
+    crop_size: int
+    inference: str  # "slide" (crop_size windows, stride apart) or "whole"
+    stride: int
+    runs: int = 3
+    lr: float = 0.01
+    min_lr: float = 1e-4
+    weight_decay: float = 5e-4
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+
+
+SEGMENTATION = {
+    # fcn_r50-d8_4xb2-40k_cityscapes-769x769 (80k: --max-iters 80000).
+    "cityscapes": SegmentationProtocol(40_000, 8, (1024, 2048), 769, "slide", 513),
+    # fcn_r50-d8_4xb4-20k_voc12aug-512x512.
+    "voc-seg": SegmentationProtocol(20_000, 16, (512, 2048), 512, "whole", 341),
+}
+
+
+def _protocol(table: dict, key: str, option: str, **options):
+    """The protocol ``table[key]`` with every option that was given (not None) in place of its default."""
+    if key not in table:
+        raise ValueError(f"{option} must be one of {', '.join(table)}, got {key!r}")
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if v is not None}
+    return dataclasses.replace(table[key], **given)
+
+
+def _required(value: str | None, option: str) -> str:
+    if not value:
+        raise ValueError(f"{option} is required: the folder holding the data set")
+    return value
+
+
+def _repeat(run_once: Callable[[Path], dict | None], runs: int, seed: int, out: Path,
+            result: dict) -> dict | None:
+    """Fine-tune and evaluate ``runs`` times (seeds seed, seed+1, ...); the first process writes the report."""
+    if runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {runs}")
+    per_run = []
+    for r in range(runs):
+        L.seed_everything(seed + r, workers=True, verbose=False)
+        scores = run_once(out / f"run{r}")
+        if scores is None:  # not the first process: it only trains
+            continue
+        print(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        per_run.append(scores)
+    if not per_run:
+        return None
+    result = {**result, "runs": runs, "seeds": [seed + r for r in range(runs)], "per_run": per_run,
+              "metrics": summarise(per_run)}
+    print(write_report(out, result))
+    return result
+
+
+def detect(weights: str = "random", data: str | None = None, format: Literal["coco", "voc"] = "coco",
+           runs: int | None = None, max_iters: int | None = None, steps: list[int] | None = None,
+           warmup_iters: int | None = None, batch_size: int | None = None, lr: float | None = None,
+           weight_decay: float | None = None, image_size: int | None = None, train_sizes: list[int] | None = None,
+           max_size: int | None = None, fpn_channels: int = 256, rois_per_image: int = 512,
+           arch: str | None = None, small_stem: bool | None = None, workers: int = 4, accelerator: str = "auto",
+           devices: int = 1, num_nodes: int = 1, strategy: str = "auto", precision: str = "32-true",
+           out: str | None = None, seed: int = 0) -> dict | None:
+    """Object detection (and instance segmentation when the annotations have masks), evaluated by COCOeval.
+
+    Mask R-CNN R-FPN when the training annotations carry masks (COCO: bbox and segm AP), else Faster
+    R-CNN R-FPN (VOC: VOC07+12 trainval -> VOC07 test, converted to COCO format, difficult objects
+    ignored). Every layer is fine-tuned, BatchNorm trained (SyncBatchNorm on several GPUs).
+
+    Args:
+        weights: pretraining checkpoint (.ckpt), exported torchvision backbone (.pth/.pt), or "random".
+        data: COCO root (annotations/instances_{train,val}2017.json, train2017/, val2017/) or a folder
+            holding VOCdevkit/.
+        format: coco or voc.
+        runs: fine-tuning runs averaged in the report (default: 1 for coco, 5 for voc, as in the paper).
+        max_iters: training iterations (default: 90000 coco, 24000 voc).
+        steps: iterations where the learning rate drops x0.1 (default: 60000 80000 coco, 18000 22000 voc).
+        warmup_iters: iterations of linear warm-up (default: 1000 coco, 100 voc).
+        batch_size: images per iteration over all GPUs (default: 16).
+        lr: base learning rate of SGD, momentum 0.9 (default: 0.02).
+        weight_decay: weight decay, none on normalisation layers (default: 1e-4).
+        image_size: shorter image side at test time (default: 800).
+        train_sizes: shorter sides drawn at random in training (default: 640..800 coco, 480..800 voc, step 32).
+        max_size: longest image side (default: 1333).
+        fpn_channels: width of the FPN and of the heads' convolutions (detectron2: 256; less for CPU smoke runs).
+        rois_per_image: proposals sampled per image to train the box head (detectron2: 512).
+        arch: backbone (resnet18/34/50/101; default: from the checkpoint, else resnet50).
+        small_stem: 3x3 stem for small images (default: from the checkpoint, else false).
+        workers: data-loading processes per GPU.
+        accelerator: Lightning accelerator (auto, cpu, gpu).
+        devices: GPUs per node (use torchrun --nproc-per-node with the same number).
+        num_nodes: machines.
+        strategy: Lightning strategy (auto: ddp on several GPUs).
+        precision: Lightning precision (32-true, 16-mixed, bf16-mixed).
+        out: folder for results.json, results.md and run logs (default: runs/transfer/detect-FORMAT).
+        seed: seed of the first run.
+    """
+    protocol = _protocol(DETECTION, format, "--format", runs=runs, max_iters=max_iters, steps=steps,
+                         warmup_iters=warmup_iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         image_size=image_size, train_sizes=train_sizes, max_size=max_size)
+    check_positive(lr=protocol.lr, image_size=protocol.image_size, max_size=protocol.max_size,
+                   fpn_channels=fpn_channels, rois_per_image=rois_per_image,
+                   **{f"train_sizes[{i}]": s for i, s in enumerate(protocol.train_sizes)})
+    per_device = per_device_batch(protocol.batch_size, devices, num_nodes)
+    splits = load_detection_splits(_required(data, "--data"), format)
+    categories = splits.category_ids
+    train_set = CocoInstances(splits.train, splits.train_images, True, splits.has_masks, categories)
+    test_set = CocoInstances(splits.test, splits.test_images, False, splits.has_masks, categories)
+    if len(train_set) < per_device:
+        raise ValueError(f"{len(train_set)} training images with objects, fewer than one batch of {per_device}")
+    loader = partial(DataLoader, num_workers=workers, collate_fn=collate_lists, persistent_workers=workers > 0)
+    info = load_backbone(weights, arch=arch, small_stem=small_stem)[2]
+
+    def run_once(run_dir: Path) -> dict | None:
+        backbone, _, _ = load_backbone(weights, arch=info["arch"], small_stem=info["small_stem"])
+        detector = build_detector(backbone, len(categories) + 1, splits.has_masks, protocol.train_sizes,
+                                  protocol.max_size, fpn_channels, rois_per_image)
+        schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
+        module = TransferModule(detector, detection_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay,
+                                norm_weight_decay=0.0)
+        trainer = make_trainer(run_dir, protocol.max_iters, accelerator, devices, num_nodes, strategy, precision)
+        trainer.fit(module, loader(train_set, batch_size=per_device, shuffle=True, drop_last=True))
+        if not trainer.is_global_zero:
+            return None
+        return evaluate_detection(detector, loader(test_set, batch_size=per_device), splits.test, categories,
+                                  protocol.image_size, splits.has_masks, trainer.strategy.root_device)
+
+    name = ("mask" if splits.has_masks else "faster") + f"_rcnn_{info['arch']}_fpn"
+    settings = {**dataclasses.asdict(protocol), "fpn_channels": fpn_channels, "rois_per_image": rois_per_image}
+    result = {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": weights,
+              "arch": info["arch"], "small_stem": info["small_stem"], "settings": settings}
+    return _repeat(run_once, protocol.runs, seed, Path(out or f"runs/transfer/detect-{format}"), result)
+
+
+def segment(weights: str = "random", data: str | None = None,
+            dataset: Literal["cityscapes", "voc-seg"] = "cityscapes",
+            runs: int | None = None, max_iters: int | None = None, batch_size: int | None = None,
+            lr: float | None = None, min_lr: float | None = None, weight_decay: float | None = None,
+            scale: list[int] | None = None, crop_size: int | None = None, ratio_range: list[float] | None = None,
+            inference: Literal["slide", "whole"] | None = None, stride: int | None = None,
+            arch: str | None = None, small_stem: bool | None = None, workers: int = 4,
+            accelerator: str = "auto", devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
+            precision: str = "32-true", out: str | None = None, seed: int = 0) -> dict | None:
+    """Semantic segmentation with an FCN head (mmseg FCN-D8 protocol), scored by mIoU, mAcc and aAcc.
+
+    ResNet-50/101 are dilated to output stride 8; an auxiliary FCN head on layer3 adds 0.4 x its loss.
+
+    Args:
+        weights: pretraining checkpoint (.ckpt), exported torchvision backbone (.pth/.pt), or "random".
+        data: Cityscapes root (leftImg8bit/, gtFine/) or a folder holding VOCdevkit/ (SegmentationClass).
+        dataset: cityscapes (19 classes, train -> val) or voc-seg (VOC2012, else VOC2007, train -> val
+            or trainval -> test).
+        runs: fine-tuning runs averaged in the report (default: 3, as in the paper).
+        max_iters: training iterations (default: 40000 cityscapes, 20000 voc-seg).
+        batch_size: images per iteration over all GPUs (default: 8 cityscapes, 16 voc-seg).
+        lr: base learning rate of SGD, momentum 0.9, poly decay with power 0.9 (default: 0.01).
+        min_lr: learning rate at the end of the poly decay (default: 1e-4).
+        weight_decay: weight decay (default: 5e-4).
+        scale: (height, width) images are fitted into before the random ratio, and at test time
+            (default: 1024 2048 cityscapes, 512 2048 voc-seg).
+        crop_size: side of the square training crops (default: 769 cityscapes, 512 voc-seg).
+        ratio_range: range of the random rescaling ratio in training (default: 0.5 2.0).
+        inference: slide (crop_size windows) or whole image (default: slide cityscapes, whole voc-seg).
+        stride: stride of the sliding windows (default: 513 cityscapes).
+        arch: backbone (resnet18/34/50/101; default: from the checkpoint, else resnet50).
+        small_stem: 3x3 stem for small images (default: from the checkpoint, else false).
+        workers: data-loading processes per GPU.
+        accelerator: Lightning accelerator (auto, cpu, gpu).
+        devices: GPUs per node (use torchrun --nproc-per-node with the same number).
+        num_nodes: machines.
+        strategy: Lightning strategy (auto: ddp on several GPUs).
+        precision: Lightning precision (32-true, 16-mixed, bf16-mixed).
+        out: folder for results.json, results.md and run logs (default: runs/transfer/segment-DATASET).
+        seed: seed of the first run.
+    """
+    protocol = _protocol(SEGMENTATION, dataset, "--dataset", runs=runs, max_iters=max_iters,
+                         batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay, scale=scale,
+                         crop_size=crop_size, ratio_range=ratio_range, inference=inference, stride=stride)
+    if len(protocol.scale) != 2 or len(protocol.ratio_range) != 2:
+        raise ValueError(f"--scale needs (height, width) and --ratio-range (low, high); got {list(protocol.scale)} "
+                         f"and {list(protocol.ratio_range)}")
+    check_positive(lr=protocol.lr, crop_size=protocol.crop_size, stride=protocol.stride,
+                   scale_height=protocol.scale[0], scale_width=protocol.scale[1])
+    per_device = per_device_batch(protocol.batch_size, devices, num_nodes)
+    train_base, test_base, num_classes, lut = segmentation_splits(_required(data, "--data"), dataset)
+    augment = train_transform(protocol.scale, protocol.crop_size, protocol.ratio_range)
+    train_set = SegmentationPairs(train_base, num_classes, augment, lut)
+    test_set = SegmentationPairs(test_base, num_classes, None, lut)
+    if len(train_set) < per_device:
+        raise ValueError(f"{len(train_set)} training images, fewer than one batch of {per_device}")
+    loader = partial(DataLoader, num_workers=workers, persistent_workers=workers > 0)
+    info = load_backbone(weights, arch=arch, small_stem=small_stem)[2]
+
+    def run_once(run_dir: Path) -> dict | None:
+        backbone, _, _ = load_backbone(weights, arch=info["arch"], small_stem=info["small_stem"])
+        model = build_fcn(backbone, info["arch"], num_classes)
+        schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
+        module = TransferModule(model, segmentation_losses, protocol.lr, schedule,
+                                weight_decay=protocol.weight_decay)
+        trainer = make_trainer(run_dir, protocol.max_iters, accelerator, devices, num_nodes, strategy, precision)
+        trainer.fit(module, loader(train_set, batch_size=per_device, shuffle=True, drop_last=True))
+        if not trainer.is_global_zero:
+            return None
+        return evaluate_segmentation(model, loader(test_set, batch_size=1), num_classes, protocol.scale,
+                                     protocol.inference, protocol.crop_size, protocol.stride,
+                                     trainer.strategy.root_device)
+
+    name = f"fcn_{info['arch']}" + ("_d8" if info["arch"] in DILATABLE else "")
+    result = {"dataset": dataset, "protocol": name, "weights": weights, "arch": info["arch"],
+              "small_stem": info["small_stem"], "num_classes": num_classes, "settings": dataclasses.asdict(protocol)}
+    return _repeat(run_once, protocol.runs, seed, Path(out or f"runs/transfer/segment-{dataset}"), result)
+

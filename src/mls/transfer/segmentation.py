@@ -1,0 +1,97 @@
+"""Semantic segmentation transfer: an FCN head on a pretrained (dilated) ResNet, mmseg's FCN-D8 protocol.
+
+torchvision's ``FCN`` with its ``FCNHead`` on layer4 and an auxiliary head on layer3 (loss weight 0.4);
+ResNet-50/101 keep output stride 8 by dilating layer3 and layer4, as FCN-D8 does.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+from mls.transfer.metrics import segmentation_scores
+from mls.transfer.segmentation_data import IGNORE
+
+INFERENCE = ("whole", "slide")
+
+
+DILATABLE = ("resnet50", "resnet101")  # torchvision's BasicBlock (resnet18/34) refuses dilation
+
+
+def dilated(backbone: torchvision.models.ResNet, arch: str) -> torchvision.models.ResNet:
+    """The same weights in a ResNet whose layer3 and layer4 trade their stride for dilation 2 and 4 (D8)."""
+    if arch not in DILATABLE:
+        raise ValueError(f"only {', '.join(DILATABLE)} can be dilated, got {arch!r}")
+    net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=[False, True, True])
+    net.conv1, net.maxpool, net.fc = backbone.conv1, backbone.maxpool, nn.Identity()  # keeps a small stem
+    net.load_state_dict(backbone.state_dict())
+    return net
+
+
+def build_fcn(backbone: torchvision.models.ResNet, arch: str, num_classes: int) -> FCN:
+    """FCN with an auxiliary head, dilated when ``arch`` allows; forward gives ``{"out", "aux"}`` at input size."""
+    if arch in DILATABLE:
+        backbone = dilated(backbone, arch)
+    channels = backbone.layer4[-1].conv1.in_channels  # a block's input = its stage's output channels
+    body = IntermediateLayerGetter(backbone, {"layer3": "aux", "layer4": "out"})
+    return FCN(body, FCNHead(channels, num_classes), FCNHead(channels // 2, num_classes))
+
+
+def segmentation_losses(model: nn.Module, batch: tuple, aux_weight: float = 0.4) -> dict[str, torch.Tensor]:
+    """Cross-entropy of the main and the auxiliary head, the ignore label left out."""
+    images, labels = batch
+    out = model(images)
+    return {"loss_ce": F.cross_entropy(out["out"], labels, ignore_index=IGNORE),
+            "loss_aux": aux_weight * F.cross_entropy(out["aux"], labels, ignore_index=IGNORE)}
+
+
+def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int) -> torch.Tensor:
+    """mmseg's sliding-window inference: average the logits of overlapping ``crop`` windows ``stride`` apart."""
+    n, _, h, w = image.shape
+    logits = image.new_zeros(n, num_classes, h, w)
+    count = image.new_zeros(1, 1, h, w)
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = min(r * stride, max(h - crop, 0)), min(c * stride, max(w - crop, 0))
+            y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+            logits[:, :, y1:y2, x1:x2] += model(image[:, :, y1:y2, x1:x2])["out"]
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, image: torch.Tensor, num_classes: int, scale: Sequence[int] | None = None,
+                   mode: str = "whole", crop: int = 769, stride: int = 513) -> torch.Tensor:
+    """Logits at the image's own size; the image is first fitted into ``scale`` (h, w) as in mmseg's test."""
+    if mode not in INFERENCE:
+        raise ValueError(f"inference mode must be one of {', '.join(INFERENCE)}, got {mode!r}")
+    size = image.shape[-2:]
+    if scale is not None:
+        ratio = min(scale[0] / size[0], scale[1] / size[1])
+        resized = (round(size[0] * ratio), round(size[1] * ratio))
+        if resized != tuple(size):
+            image = F.interpolate(image, size=resized, mode="bilinear", align_corners=False)
+    logits = model(image)["out"] if mode == "whole" else slide_logits(model, image, num_classes, crop, stride)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False) if logits.shape[-2:] != size \
+        else logits
+
+
+def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int, scale: Sequence[int] | None = None,
+                          mode: str = "whole", crop: int = 769, stride: int = 513,
+                          device: torch.device | str = "cpu") -> dict[str, float]:
+    """mIoU, mAcc and aAcc (percentages) over the test set, from one confusion matrix (ignore label excluded)."""
+    model.to(device).eval()
+    confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE).to(device)
+    for images, labels in loader:
+        logits = predict_logits(model, images.to(device), num_classes, scale, mode, crop, stride)
+        confmat.update(logits.argmax(1), labels.to(device))
+    return segmentation_scores(confmat.compute().cpu())

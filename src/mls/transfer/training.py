@@ -1,0 +1,100 @@
+"""What detection and segmentation fine-tuning share: SGD with its schedule, the Lightning module, the trainer."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
+
+
+def warmup_multistep(step: int, warmup_iters: int, steps: Sequence[int], gamma: float = 0.1,
+                     warmup_factor: float = 0.001) -> float:
+    """detectron2's schedule as a learning-rate factor: linear warm-up from ``warmup_factor``, x gamma at each step."""
+    factor = gamma ** sum(step >= s for s in steps)
+    if step < warmup_iters:
+        alpha = step / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def poly(step: int, max_iters: int, power: float = 0.9, min_ratio: float = 0.0) -> float:
+    """mmsegmentation's poly schedule as a factor: (1 - step/max)^power, floored at ``min_ratio`` of the base lr."""
+    return (1 - min_ratio) * (1 - min(step, max_iters) / max_iters) ** power + min_ratio
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None) -> list[dict]:
+    """SGD parameter groups: normalisation weights and biases get ``norm_weight_decay`` (detectron2 uses 0)."""
+    if norm_weight_decay is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) not in norm_ids], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in norm_ids], "weight_decay": norm_weight_decay}]
+
+
+class TransferModule(L.LightningModule):
+    """Fine-tunes a whole model with SGD and a per-iteration schedule; ``loss_fn`` gives its named losses.
+
+    Every module is put in training mode, BatchNorm statistics included (a loaded backbone may come in eval mode).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, lr: float, lr_factor: Callable[[int], float],
+                 momentum: float = 0.9, weight_decay: float = 1e-4, norm_weight_decay: float | None = None):
+        super().__init__()
+        self.model, self.loss_fn, self.lr_factor = model.train(), loss_fn, lr_factor
+        self.lr, self.momentum = lr, momentum
+        self.weight_decay, self.norm_weight_decay = weight_decay, norm_weight_decay
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        losses = self.loss_fn(self.model, batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}; lower --lr")
+        size = len(batch[0])
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        groups = parameter_groups(self.model, self.weight_decay, self.norm_weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def per_device_batch(batch_size: int, devices: int, num_nodes: int) -> int:
+    """The total batch (as in the papers' schedules) split over every process."""
+    world = devices * num_nodes
+    if batch_size < world or batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (total over all GPUs) must be a multiple of "
+                         f"devices x num_nodes = {world}")
+    return batch_size // world
+
+
+def make_trainer(out: Path, max_iters: int, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
+                 strategy: str = "auto", precision: str = "32-true", log_every: int = 20) -> L.Trainer:
+    """An iteration-based trainer; several processes (``torchrun``) use DDP with synchronised BatchNorm."""
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be at least 1, got {max_iters}")
+    if devices * num_nodes > 1 and strategy == "auto":
+        strategy = "ddp"
+    return L.Trainer(
+        max_steps=max_iters, max_epochs=-1, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        strategy=strategy, sync_batchnorm=strategy.startswith("ddp"),
+        precision=precision, logger=CSVLogger(str(out), name="", version=""), enable_checkpointing=False,
+        log_every_n_steps=min(log_every, max_iters), enable_model_summary=False, default_root_dir=str(out),
+    )
+
+
+def check_positive(**values: float) -> None:
+    """Refuse non-positive sizes and rates before any training starts, naming the option."""
+    for name, value in values.items():
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value}")
