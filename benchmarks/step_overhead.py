@@ -1,9 +1,8 @@
 """Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch.
 
 Both steps (forward, backward, SGD update) are timed in one process, alternating, and the
-ratio of medians is printed, so that machine noise hits both alike. Peak memory is the CUDA
-allocator's peak on a GPU, and the growth of the process's peak RSS on a CPU (each method
-measured in a fresh subprocess).
+ratio of medians is printed, so that machine noise hits both alike. Memory is the CUDA
+allocator's peak on a GPU, and the memory held between steps on a CPU.
 
     python benchmarks/step_overhead.py                      # CPU: ResNet-18, 64 px, D = 16,384
     python benchmarks/step_overhead.py --device cuda --arch resnet50 --image-size 224 \
@@ -13,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -59,17 +55,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def fill(model, step) -> None:
-    """Run until the queue is full, so that every step does the full-size work."""
-    while not bool(model.queue.valid.all()):
-        step()
+@torch.no_grad()
+def fill(model) -> None:
+    """Fill the queue with random unit rows, so that every timed step does the full-size work."""
+    queue = model.queue
+    queue.push(**{name: torch.nn.functional.normalize(torch.randn(queue[name].shape, device=queue[name].device), dim=-1)
+                  for name in queue.names})
 
 
 def time_both(args) -> dict[str, list[float]]:
     runs = {m: build(args, m) for m in METHODS}
     steps = {m: make_step(args, *runs[m]) for m in METHODS}
     for m in METHODS:
-        fill(runs[m][0], steps[m])
+        fill(runs[m][0])
         for _ in range(args.warmup):
             steps[m]()
     times = {m: [] for m in METHODS}
@@ -84,25 +82,20 @@ def time_both(args) -> dict[str, list[float]]:
 
 
 def peak_memory(args, method: str) -> float:
-    """Peak memory of a few steps of one method, in MiB."""
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        model, opt = build(args, method)
-        step = make_step(args, model, opt)
-        fill(model, step)
-        step()
-        return torch.cuda.max_memory_allocated() / 2**20
-    cmd = [sys.executable, __file__, "--measure-rss", method, *sys.argv[1:]]
-    return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-
-
-def rss_of_one(args, method: str) -> float:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak memory of one step, in MiB: the CUDA allocator's peak on a GPU; on a CPU, where torch
+    keeps no peak, the memory held between steps (weights, gradients, optimiser state, queues)."""
     model, opt = build(args, method)
     step = make_step(args, model, opt)
-    fill(model, step)
+    fill(model)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    if args.device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None),
+               *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def main() -> None:
@@ -118,11 +111,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--measure-rss", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure_rss:
-        print(rss_of_one(args, args.measure_rss))
-        return
     times = time_both(args)
     med = {m: statistics.median(t) for m, t in times.items()}
     mem = {m: peak_memory(args, m) for m in METHODS}

@@ -57,13 +57,17 @@ def test_series_skip_empty_cells_and_use_the_step(tmp_path):
     assert "epoch" not in series and "step" not in series
 
 
-def test_a_log_folder_gives_its_latest_metrics(tmp_path):
-    for n in (0, 1):
-        d = tmp_path / "lightning_logs" / f"version_{n}"
+def test_a_log_folder_joins_the_versions_of_a_resumed_run(tmp_path):
+    """version_0 ran steps 9-29; resumed after step 19, version_1 re-logged 29 and went on to 39."""
+    resumed = "epoch,step,train/loss\n1,29,6.9\n1,39,6.5\n"
+    for n, text in ((0, METRICS), (1, resumed)):
+        d = tmp_path / "csv" / f"version_{n}"
         d.mkdir(parents=True)
-        (d / "metrics.csv").write_text(METRICS)
+        (d / "metrics.csv").write_text(text)
         os.utime(d / "metrics.csv", (time.time() - 100 + 50 * n,) * 2)
-    assert find_metrics(tmp_path) == tmp_path / "lightning_logs" / "version_1" / "metrics.csv"
+    files = find_metrics(tmp_path)
+    assert files == [tmp_path / "csv" / "version_0" / "metrics.csv", tmp_path / "csv" / "version_1" / "metrics.csv"]
+    assert read_metrics(*files)["train/loss"] == [(9.0, 7.5), (19.0, 7.3), (29.0, 6.9), (39.0, 6.5)]
 
 
 def test_clear_errors(tmp_path):

@@ -91,7 +91,7 @@ def load_backbone(
     if is_pretraining_checkpoint(ckpt):
         model, info = load_pretrained(weights)
         kwargs = info["model"]
-        backbone, dim = model.backbone_q, model.feature_dim
+        backbone, dim = model.backbone_q.train(), model.feature_dim  # the same mode as a fresh network
         return backbone, dim, {"arch": kwargs.get("arch", "resnet50"), "small_stem": kwargs.get("small_stem", False),
                                "image_size": info.get("data", {}).get("image_size")}
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None

@@ -24,40 +24,46 @@ DPI = 100
 COLUMNS = 3
 
 
-def find_metrics(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else the most recently written ``metrics.csv`` below it."""
+def find_metrics(path: str | Path) -> list[Path]:
+    """``[path]`` if it is a file, else every ``metrics.csv`` below it, oldest first.
+
+    A run resumed from a checkpoint logs into a new ``version_N`` folder: together, in the
+    order they were written, the files give the whole run.
+    """
     path = Path(path)
     if path.is_file():
-        return path
+        return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is neither a metrics.csv file nor a log folder")
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no metrics.csv under {str(path)!r}; expected a Lightning CSVLogger folder")
-    return found[-1]
+    return found
 
 
-def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+def read_metrics(*paths: str | Path) -> dict[str, list[tuple[float, float]]]:
     """Series ``{column: [(step, value), ...]}`` of every logged metric, skipping empty cells.
 
-    The x value is ``step`` when logged, else ``epoch``, else the row number.
+    The x value is ``step`` when logged, else ``epoch``, else the row number. Where several
+    files log the same step (a resumed run repeats the steps after its checkpoint), the
+    later file wins.
     """
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{str(path)!r} holds no logged rows")
-    series: dict[str, list[tuple[float, float]]] = {}
-    for n, row in enumerate(rows):
-        x = next((float(row[a]) for a in AXES if row.get(a) not in (None, "")), float(n))
-        for name, cell in row.items():
-            if name in AXES or name is None or cell in (None, ""):
-                continue
-            try:
-                value = float(cell)
-            except ValueError:
-                continue
-            series.setdefault(name, []).append((x, value))
-    return series
+    by_x: dict[str, dict[float, float]] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError(f"{str(path)!r} holds no logged rows")
+        for n, row in enumerate(rows):
+            x = next((float(row[a]) for a in AXES if row.get(a) not in (None, "")), float(n))
+            for name, cell in row.items():
+                if name in AXES or name is None or cell in (None, ""):
+                    continue
+                try:
+                    by_x.setdefault(name, {})[x] = float(cell)
+                except ValueError:
+                    continue
+    return {name: sorted(points.items()) for name, points in by_x.items()}
 
 
 def panel_order(names: list[str]) -> list[str]:
@@ -77,11 +83,11 @@ def plot_curves(metrics: str | Path, out: str | Path, columns: int = COLUMNS) ->
     import matplotlib.pyplot as plt
 
     ensure_writable(out)
-    path = find_metrics(metrics)
-    series = read_metrics(path)
+    paths = find_metrics(metrics)
+    series = read_metrics(*paths)
     names = panel_order(list(series))
     if not names:
-        raise ValueError(f"{str(path)!r} has no metric columns besides {', '.join(AXES)}")
+        raise ValueError(f"{str(paths[-1])!r} has no metric columns besides {', '.join(AXES)}")
     columns = min(columns, len(names))
     rows = math.ceil(len(names) / columns)
     fig, axes = plt.subplots(rows, columns, squeeze=False,
@@ -106,7 +112,7 @@ def plot(metrics: str, out: str = "curves.png") -> None:
     """Plot training curves (losses, lr, throughput, pseudo-label precision) from a CSV log.
 
     Args:
-        metrics: A Lightning ``metrics.csv``, or a log folder searched for the latest one.
+        metrics: A Lightning ``metrics.csv``, or a log folder: all its metrics.csv files, joined in time order.
         out: Output image (``.png``, ``.pdf``, ``.svg``).
     """
     names = plot_curves(metrics, out)
