@@ -11,24 +11,24 @@ from jsonargparse import CLI
 
 
 def _commands() -> dict:
-    """Sub-commands, imported here so that ``mls --help`` lists them all."""
-    commands: dict = {}
-    # Each sub-command registers itself below with one line.
-    from mls.train import pretrain
-    commands["pretrain"] = pretrain
+    """Sub-commands, imported here so that ``import mls.cli`` stays light."""
     from mls.data.synthetic import synth
-    commands["synth"] = synth
+    from mls.eval.commands import finetune, knn, linear
     from mls.export import export
+    from mls.train import pretrain
+    from mls.transfer.commands import detect, segment
     from mls.viz.curves import plot
     from mls.viz.neighbors import neighbors
-    commands["visualize"] = {"neighbors": neighbors}
-    commands["plot"] = plot
-    commands["export"] = export
-    from mls.eval.commands import finetune, knn, linear
-    commands["eval"] = {"linear": linear, "finetune": finetune, "knn": knn}
-    from mls.transfer.commands import detect, segment
-    commands["transfer"] = {"detect": detect, "segment": segment}
-    return commands
+
+    return {
+        "pretrain": pretrain,
+        "synth": synth,
+        "export": export,
+        "eval": {"linear": linear, "finetune": finetune, "knn": knn},
+        "transfer": {"detect": detect, "segment": segment},
+        "visualize": {"neighbors": neighbors},
+        "plot": plot,
+    }
 
 
 def _underscore_options(argv: list[str]) -> list[str]:

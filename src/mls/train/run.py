@@ -68,18 +68,19 @@ def pretrain(
     momentum: float = 0.99,
     bce_weight: float = 1.0,
     bce_tau: float | None = None,
-    bce_balanced: bool = False,
-    extra_start_epoch: int = 0,
+    bce_balanced: bool = True,
+    extra_start_epoch: int = 2,
     extra_after_full_queue: bool = False,
     arch: str = "resnet18",
     small_stem: bool = False,
     image_size: int = 64,
     num_images: int = 2000,
     blur: bool = True,
+    min_scale: float = 0.2,
     batch_size: int = 64,
     epochs: int = 8,
     max_steps: int = -1,
-    lr: float | None = None,
+    lr: float | None = 0.06,
     weight_decay: float = 1e-4,
     sgd_momentum: float = 0.9,
     warmup_epochs: float = 0.0,
@@ -100,8 +101,10 @@ def pretrain(
 ) -> Path:
     """Pretrain a backbone with MLS (or MoCo-v2) and write checkpoints and logs under OUT.
 
-    Defaults are the CPU demo: ResNet-18 on 2,000 built-in synthetic scenes at 64 px.
-    See configs/ for the paper's COCO settings.
+    Defaults are the CPU demo (configs/demo_cpu.yaml): ResNet-18 on 2,000 built-in synthetic
+    scenes at 64 px, with the short-run settings that made the demo learn (balanced BCE added
+    from epoch 2, lr 0.06). configs/mls_coco_r50_800ep.yaml holds the paper's settings: plain
+    Eq. 9 from the start.
 
     Args:
         data: folder of images (searched recursively, e.g. COCO train2017/); empty: the built-in synthetic scenes.
@@ -125,10 +128,11 @@ def pretrain(
         image_size: side of the random-resized crops.
         num_images: number of synthetic scenes (without DATA).
         blur: Gaussian blur in the augmentation (MoCo-v2).
+        min_scale: smallest crop area of RandomResizedCrop, as a share of the image (MoCo-v2: 0.2).
         batch_size: images per device and step.
         epochs: training epochs.
         max_steps: stop after this many steps (-1: run all epochs).
-        lr: SGD learning rate; empty: 0.03 x total batch / 256 (MoCo's scaling).
+        lr: SGD learning rate of the total batch; null: 0.03 x total batch / 256 (MoCo's scaling).
         weight_decay: SGD weight decay.
         sgd_momentum: SGD momentum.
         warmup_epochs: epochs of linear learning-rate warm-up before the cosine decay.
@@ -149,7 +153,8 @@ def pretrain(
     """
     out_dir = Path(out)
     L.seed_everything(seed, workers=True, verbose=False)
-    datamodule = PretrainData(data, annotations, num_images, image_size, batch_size, workers, seed, blur)
+    datamodule = PretrainData(data, annotations, num_images, image_size, batch_size, workers, seed, blur,
+                              min_scale)
     ckpt_path = resolve_resume(resume, out_dir)
 
     multi = devices not in (1, "1") or num_nodes > 1 or strategy == "ddp"

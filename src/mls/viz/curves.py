@@ -5,7 +5,7 @@ import csv
 import math
 from pathlib import Path
 
-from mls.export import atomic_write, ensure_writable
+from mls.files import atomic_write, ensure_writable
 
 # What the trainer logs, in the order the panels appear; other logged columns follow.
 KNOWN = {
@@ -17,6 +17,7 @@ KNOWN = {
     "train/label_precision": "pseudo-label precision",
     "train/lr": "learning rate",
     "train/images_per_sec": "throughput (images/s)",
+    "train/skipped_images": "unreadable images skipped (per epoch)",
 }
 AXES = ("step", "epoch")
 PANEL_INCHES = (4.0, 3.0)

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from mls.data.augment import MoCoV2View
-from mls.export import atomic_write, ensure_writable
+from mls.files import atomic_write, ensure_writable
 from mls.selection import cosine_similarity, topk_indices
 
 DATA_KEYS = ("data", "annotations", "num_images", "image_size", "seed")  # the arguments of open_source
