@@ -1,8 +1,10 @@
 """End-to-end pretraining: CLI, checkpoints and logs, resume, torchrun, bad input."""
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,56 @@ def test_impossible_settings_are_rejected_before_training(tmp_path, overrides, m
     with pytest.raises(ValueError, match=message):
         pretrain(out=str(tmp_path / "run"), epochs=1, **{**TINY, **overrides})
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_with_its_queues(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mls.cli", "pretrain", *tiny_args(out, epochs=100)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "epoch000.ckpt").exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    interrupted = read_checkpoint(out / "checkpoints" / "interrupted.ckpt")
+    step = interrupted["global_step"]
+    assert step >= TINY["num_images"] // TINY["batch_size"]
+
+    resumed = read_checkpoint(pretrain(out=str(out), resume="auto", epochs=100, max_steps=step + 1, **TINY))
+    assert resumed["global_step"] == step + 1
+    before, after = interrupted["state_dict"], resumed["state_dict"]
+    ptr = int(before["model.queue.ptr"])
+    written = [(ptr + i) % TINY["queue_size"] for i in range(TINY["batch_size"])]
+    kept = [i for i in range(TINY["queue_size"]) if i not in written]
+    for name in ("g", "z", "index", "box"):  # one more step rewrote one batch of rows, no other
+        assert torch.equal(before[f"model.queue.field_{name}"][kept], after[f"model.queue.field_{name}"][kept])
+        assert not torch.equal(before[f"model.queue.field_{name}"][written], after[f"model.queue.field_{name}"][written])
+
+
+def test_resume_auto_takes_the_checkpoint_that_got_furthest(tmp_path):
+    from mls.train.run import resolve_resume
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"global_step": 120}, ckpts / "last.ckpt")
+    time.sleep(0.05)
+    torch.save({"global_step": 0}, ckpts / "interrupted.ckpt")  # a later run that died before restoring
+    assert resolve_resume("auto", tmp_path) == str(ckpts / "last.ckpt")
+    torch.save({"global_step": 130}, ckpts / "interrupted.ckpt")  # interrupted after more steps
+    assert resolve_resume("auto", tmp_path) == str(ckpts / "interrupted.ckpt")
+    assert resolve_resume("auto", tmp_path / "nothing-here") is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_resume(str(tmp_path / "missing.ckpt"), tmp_path)
+
+
+def test_mixed_precision_channels_last_and_half_queue_g_run(tmp_path):
+    main(["pretrain", *tiny_args(tmp_path / "run", epochs=1, max_steps=2, precision="bf16-mixed",
+                                 channels_last="true", queue_g_dtype="bfloat16")])
+    model, _ = load_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert model.queue["g"].dtype == torch.bfloat16 and int(model.queue.count) == 16

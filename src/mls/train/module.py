@@ -26,13 +26,11 @@ def neighbour_precision(labels: torch.Tensor, query_index: torch.Tensor, neighbo
     ``labels`` is the data set's multi-hot table, ``neighbor_index`` (N x k) the source
     images of each query's pseudo-positives (-1: unknown, left out). NaN when none is known.
     """
-    known = neighbor_index >= 0
-    if not known.any():
-        return torch.tensor(float("nan"))
+    known = (neighbor_index >= 0).float()
     query = labels[query_index].bool()[:, None, :]
     neighbours = labels[neighbor_index.clamp(min=0)].bool()
-    shared = (query & neighbours).any(-1)
-    return shared[known].float().mean()
+    shared = (query & neighbours).any(-1).float()
+    return (shared * known).sum() / known.sum()  # 0/0 = NaN when no neighbour is known
 
 
 class PretrainModule(L.LightningModule):
@@ -65,7 +63,8 @@ class PretrainModule(L.LightningModule):
         self.model = MLS(**model)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.labels = labels
+        # the data set's multi-hot labels, on the model's device so that the precision costs no sync
+        self.register_buffer("labels", None if labels is None else labels.bool(), persistent=False)
         self._last_step_time: float | None = None
         self._failed = self._seen = 0
 
@@ -92,8 +91,7 @@ class PretrainModule(L.LightningModule):
         logs = {f"train/{name}": out[name] for name in ("loss", "loss_infonce", "loss_extra", "pos_sim", "queue_fill")}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         if self.labels is not None:
-            logs["train/label_precision"] = neighbour_precision(
-                self.labels, batch["index"].cpu(), out["neighbor_index"].cpu())
+            logs["train/label_precision"] = neighbour_precision(self.labels, batch["index"], out["neighbor_index"])
         now = time.perf_counter()
         if self._last_step_time is not None:
             logs["train/images_per_sec"] = len(x1) * self.trainer.world_size / (now - self._last_step_time)

@@ -28,13 +28,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
+def _progress(path: Path) -> tuple[int, float]:
+    """(training step, modification time) of a checkpoint, read without loading its tensors."""
+    step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1)
+    return step, path.stat().st_mtime
+
+
 def resolve_resume(resume: str | None, out: Path) -> str | None:
-    """``auto``: the newest of ``last.ckpt`` and ``interrupted.ckpt`` in ``out``, if any; else the path given."""
+    """``auto``: whichever of ``last.ckpt`` and ``interrupted.ckpt`` in ``out`` got furthest (none: start
+    afresh); else the path given. A run that failed before it restored its checkpoint writes an
+    ``interrupted.ckpt`` of step 0, which must not win over an older ``last.ckpt``."""
     if resume is None:
         return None
     if resume == "auto":
         found = [p for p in (out / CHECKPOINTS / "last.ckpt", out / CHECKPOINTS / f"{INTERRUPTED}.ckpt") if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+        return str(max(found, key=_progress)) if found else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
     return resume
