@@ -66,16 +66,22 @@ def test_options_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.mark.slow
-def test_linear_probe_of_a_pretraining_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A few steps of `mls pretrain` (resnet18, small stem, 32 px)."""
     from mls.train import pretrain
 
-    ckpt = pretrain(out=str(tmp_path / "pre"), epochs=1, num_images=64, batch_size=16, queue_size=32,
+    return pretrain(out=str(tmp_path_factory.mktemp("pre")), epochs=1, num_images=64, batch_size=16, queue_size=32,
                     arch="resnet18", small_stem=True, image_size=32, max_steps=3, workers=0)
-    out = tmp_path / "eval"
-    linear(weights=str(ckpt), epochs=2, synthetic_images=32, workers=0, out=str(out))
-    result, table = read_results(out)
-    check_report(result, table, "linear")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol, run", [("linear", lambda **kw: linear(epochs=2, **kw)), ("knn", knn),
+                                           ("finetune", lambda **kw: finetune(epochs=1, batch_size=16, **kw))])
+def test_each_protocol_evaluates_a_pretraining_checkpoint(pretrained, tmp_path, protocol, run):
+    run(weights=str(pretrained), synthetic_images=32, workers=0, out=str(tmp_path))
+    result, table = read_results(tmp_path)
+    check_report(result, table, protocol)
     # architecture, stem and resolution come from the checkpoint, not from options
     assert (result["arch"], result["small_stem"], result["image_size"]) == ("resnet18", True, 32)
-    assert result["weights"] == str(ckpt) and str(ckpt) in table
+    assert result["weights"] == str(pretrained) and str(pretrained) in table

@@ -186,7 +186,7 @@ class MLS(nn.Module):
             "loss_infonce": loss_infonce.detach(),
             "loss_extra": loss_extra.detach(),
             "pos_sim": pos_sim,
-            "queue_fill": torch.tensor(self.queue.fill),
+            "queue_fill": self.queue.count.float() / self.queue.size,
             "neighbor_index": self.queue["index"][idx],
         }
         self._enqueue(g2, k, meta or {})
