@@ -185,3 +185,11 @@ def test_mixed_precision_channels_last_and_half_queue_g_run(tmp_path):
                                  channels_last="true", queue_g_dtype="bfloat16")])
     model, _ = load_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert model.queue["g"].dtype == torch.bfloat16 and int(model.queue.count) == 16
+
+
+def test_a_second_run_into_the_same_folder_neither_overwrites_nor_silently_resumes(tmp_path):
+    first = pretrain(out=str(tmp_path), epochs=1, max_steps=2, **TINY)
+    before = first.read_bytes()
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        pretrain(out=str(tmp_path), epochs=1, max_steps=2, **TINY)
+    assert first.read_bytes() == before

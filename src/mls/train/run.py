@@ -164,6 +164,10 @@ def pretrain(
     datamodule = PretrainData(data, annotations, num_images, image_size, batch_size, workers, seed, blur,
                               min_scale)
     ckpt_path = resolve_resume(resume, out_dir)
+    written = sorted(p.name for p in (out_dir / CHECKPOINTS).glob("*.ckpt"))
+    if written and ckpt_path is None:
+        raise FileExistsError(f"{out_dir} already holds the checkpoints of a run ({', '.join(written[:4])}): "
+                              "pass --resume auto to continue it, or choose another --out")
 
     multi = devices not in (1, "1") or num_nodes > 1 or strategy == "ddp"
     trainer = L.Trainer(
