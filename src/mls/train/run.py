@@ -1,7 +1,6 @@
 """``mls pretrain``: settings checked up front, then a Lightning ``Trainer`` run."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
