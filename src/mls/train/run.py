@@ -153,7 +153,7 @@ def pretrain(
         channels_last: channels-last memory format (faster convolutions on recent GPUs).
         queue_g_dtype: storage type of Q_g (bfloat16/float16 halve its memory).
         save_every: write a checkpoint every this many epochs (last.ckpt is always written).
-        resume: checkpoint to resume from, or "auto" for the newest in OUT.
+        resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT holding checkpoints is refused).
         max_failed_share: stop when more than this share of an epoch's images are unreadable.
         log_every: log every this many steps.
         seed: seed of weights, data order and augmentation.
