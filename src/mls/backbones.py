@@ -1,7 +1,6 @@
 """Backbones and heads: torchvision ResNets by name, the small-image stem, the projection MLP."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 import torchvision
 
@@ -32,8 +31,3 @@ def projection_head(in_dim: int, out_dim: int = 128, hidden_dim: int | None = No
     hidden_dim = hidden_dim or in_dim
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
-
-@torch.no_grad()
-def backbone_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Pooled backbone features of a batch, without gradient."""
-    return backbone(images).flatten(1)

@@ -85,7 +85,7 @@ class PretrainModule(L.LightningModule):
         if self.hparams.channels_last:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         out = self.model(x1, x2, {"index": batch["index"], "box": batch["box2"]})
-        self._failed += int(batch["failed"].sum())
+        self._failed = self._failed + batch["failed"].sum()  # stays on the device: no sync per step
         self._seen += len(x1)
 
         logs = {f"train/{name}": out[name] for name in ("loss", "loss_infonce", "loss_extra", "pos_sim", "queue_fill")}
@@ -102,7 +102,8 @@ class PretrainModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Report unreadable images skipped this epoch, summed over workers and ranks; stop if too many."""
-        counts = torch.tensor([self._failed, self._seen], dtype=torch.float64, device=self.device)
+        counts = torch.stack([torch.as_tensor(self._failed, device=self.device),
+                              torch.as_tensor(self._seen, device=self.device)]).double()
         failed, seen = (int(c) for c in self.trainer.strategy.reduce(counts, reduce_op="sum"))
         self.log("train/skipped_images", float(failed), on_epoch=True, sync_dist=False)
         if not failed:
