@@ -79,6 +79,22 @@ def test_blur_kernel_is_odd_and_about_a_tenth_of_the_size():
     assert [blur_kernel_size(s) for s in (224, 96, 64, 32, 8)] == [23, 9, 7, 3, 3]
 
 
+@pytest.mark.parametrize("size, widest", [(224, (5, 6)), (64, (1, 2))])
+def test_blur_strength_scales_with_the_view(size, widest):
+    # A black | white edge, blurred with sigma up to 2 px at 224 px (MoCo-v2) and 2 * 64 / 224 px at
+    # 64 px. A Gaussian's 10-90% rise spans 2.56 sigma: at most 5.1 px, resp. 1.5 px.
+    edge = np.zeros((size, size, 3), dtype=np.uint8)
+    edge[:, size // 2:] = 255
+    view = MoCoV2View(size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, jitter_p=0, grayscale_p=0, blur_p=1,
+                      normalize=False)
+    torch.manual_seed(0)
+    widths = []
+    for _ in range(40):
+        row = view(Image.fromarray(edge)).image[0, size // 2].numpy()
+        widths.append(int(((row > 0.1) & (row < 0.9)).sum()))
+    assert widest[0] <= max(widths) <= widest[1]
+
+
 def test_appearance_steps_change_pixels_only_when_on():
     torch.manual_seed(3)
     img = SyntheticScenes(1, 32, seed=0).image(0)

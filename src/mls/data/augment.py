@@ -33,17 +33,26 @@ def blur_kernel_size(size: int) -> int:
     return max(3, int(0.1 * size) // 2 * 2 + 1)
 
 
+def blur_sigma_range(size: int) -> tuple[float, float]:
+    """MoCo-v2's blur sigma range, (0.1, 2.0) px at 224 px, scaled with the view size as the kernel is.
+
+    Kept at 2 px, a 64 px view would be blurred as much as a 224 px one with sigma 7, which smears
+    the fine texture that tells objects apart.
+    """
+    return 0.1 * size / 224, 2.0 * size / 224
+
+
 class MoCoV2View:
     """MoCo-v2's view (RandomResizedCrop, flip, colour jitter, grayscale, blur) with its crop box.
 
     The crop is sampled by torchvision's own ``RandomResizedCrop.get_params``; each ``*_p`` is the
-    probability of that step, so 0 turns it off (a 64 px demo may want ``blur_p=0`` or a smaller
-    ``blur_sigma``).
+    probability of that step, so 0 turns it off. The blur's kernel and sigma range scale with ``size``
+    (``blur_sigma_range``) unless ``blur_sigma`` is given.
     """
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, jitter_p: float = 0.8,
-                 grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                 grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple[float, float] | None = None,
                  normalize: bool = True):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
@@ -55,12 +64,13 @@ class MoCoV2View:
         self.scale = scale
         self.ratio = ratio
         self.flip_p = flip_p
+        blur = v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma or blur_sigma_range(size))
         appearance = [  # jitter and grayscale are fastest on PIL images, the blur on float tensors
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=jitter_p),
             v2.RandomGrayscale(p=grayscale_p),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma)], p=blur_p),
+            v2.RandomApply([blur], p=blur_p),
         ]
         if normalize:
             appearance.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))

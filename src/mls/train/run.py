@@ -134,7 +134,8 @@ def pretrain(
         small_stem: 3x3 stem without max-pool, for images of 32-96 px.
         image_size: side of the random-resized crops.
         num_images: number of synthetic scenes (without DATA).
-        blur: Gaussian blur in the augmentation (MoCo-v2).
+        blur: Gaussian blur in the augmentation (MoCo-v2: p = 0.5, sigma 0.1-2 px at 224 px, scaled with
+            the image size).
         min_scale: smallest crop area of RandomResizedCrop, as a share of the image (MoCo-v2: 0.2).
         batch_size: images per device and step.
         epochs: training epochs.
