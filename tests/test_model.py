@@ -147,7 +147,27 @@ def test_extra_loss_waits_for_a_full_queue_when_asked():
 def test_empty_queue_gives_finite_losses():
     out = tiny()(*views())
     assert torch.isfinite(out["loss"]) and float(out["queue_fill"]) == 0
-    assert out["neighbor_index"].shape == (6, 0)
+    assert (out["neighbor_index"] == -1).all() and float(out["pos_sim"]) == 0  # nothing written, nothing picked
+
+
+def test_a_partly_filled_queue_offers_only_its_written_entries():
+    model = tiny(queue_size=16, topk=4, mls_loss="bce_pos")
+    g = torch.Generator().manual_seed(5)
+    rows = 3  # fewer written entries than k: every one of them is a neighbour of every query
+    model.queue.push(z=F.normalize(torch.randn(rows, 128, generator=g), dim=1), index=torch.tensor([7, 8, 9]),
+                     box=torch.rand(rows, 4, generator=g),
+                     g=F.normalize(torch.randn(rows, model.feature_dim, generator=g), dim=1))
+    queue_g, queue_z = model.queue["g"][:rows].clone(), model.queue["z"][:rows].clone()
+    seen = capture_encodings(model)
+    out = model(*views())
+    assert out["neighbor_index"].shape == (6, 4)
+    assert [sorted(r) for r in out["neighbor_index"].tolist()] == [[-1, 7, 8, 9]] * 6
+    # pos_sim: the mean cosine of g1 to the three written rows, worked out directly
+    expected_sim = F.normalize(seen["g1"].detach(), dim=1) @ queue_g.T
+    assert float(out["pos_sim"]) == pytest.approx(float(expected_sim.mean()), rel=1e-5)
+    # Eq. 15 over the three positives only: -log sigmoid(q·z_j / tau), averaged over the 6 x 3 pairs
+    expected_extra = -F.logsigmoid(seen["z1"].detach() @ queue_z.T / 0.2).mean()
+    assert float(out["loss_extra"]) == pytest.approx(float(expected_extra), rel=1e-5)
 
 
 def test_autocast_keeps_losses_in_fp32_and_queue_g_can_be_bf16():

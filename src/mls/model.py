@@ -169,11 +169,12 @@ class MLS(nn.Module):
             else:  # Table 7: select with z1 in Q_z; both are normalised, so p is the cosine
                 sim = l_neg.detach()
             idx = topk_indices(sim, self.topk, valid)
-            pos_sim = sim.gather(1, idx).mean() if idx.numel() else sim.new_zeros(())
+            picked = valid[idx]  # false only for the padding picks while fewer than k entries are written
+            pos_sim = torch.where(picked, sim.gather(1, idx), 0.0).sum() / picked.sum().clamp(min=1)
 
             loss_extra = l_neg.new_zeros(())
             if self.method == "mls":
-                labels = labels_from_indices(idx, self.queue.size)
+                labels = labels_from_indices(idx, self.queue.size, picked)
                 loss_fn = EXTRA_LOSSES[self.mls_loss]
                 kwargs = {"balanced": self.bce_balanced} if self.mls_loss == "bce" else {}
                 loss_extra = loss_fn(l_neg, labels, self.bce_tau, valid, **kwargs)
@@ -187,7 +188,7 @@ class MLS(nn.Module):
             "loss_extra": loss_extra.detach(),
             "pos_sim": pos_sim,
             "queue_fill": self.queue.count.float() / self.queue.size,
-            "neighbor_index": self.queue["index"][idx],
+            "neighbor_index": torch.where(picked, self.queue["index"][idx], -1),
         }
         self._enqueue(g2, k, meta or {})
         return out

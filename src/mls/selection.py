@@ -18,18 +18,21 @@ def cosine_similarity(x: Tensor, bank: Tensor) -> Tensor:
 
 @torch.no_grad()
 def topk_indices(sim: Tensor, k: int, valid: Tensor | None = None) -> Tensor:
-    """Indices (N x k') of the ``k`` largest similarities among valid entries, k' = min(k, #valid)."""
+    """Indices (N x min(k, D)) of the ``k`` largest similarities; entries outside ``valid`` rank last.
+
+    They are picked only while fewer than k entries are valid: ``valid[indices]`` tells which picks
+    count. k does not depend on how full the queue is, so nothing waits for the device.
+    """
     if valid is not None:
-        k = min(k, int(valid.sum()))
         sim = sim.masked_fill(~valid.to(sim.device), float("-inf"))
-    return sim.topk(k, dim=1).indices
+    return sim.topk(min(k, sim.shape[1]), dim=1).indices
 
 
 @torch.no_grad()
-def labels_from_indices(indices: Tensor, size: int) -> Tensor:
-    """Binary labels (N x size): 1 at the given indices of each row, 0 elsewhere."""
+def labels_from_indices(indices: Tensor, size: int, keep: Tensor | None = None) -> Tensor:
+    """Binary labels (N x size): 1 at the given indices of each row (those where ``keep`` is true), 0 elsewhere."""
     labels = torch.zeros(len(indices), size, device=indices.device)
-    return labels.scatter_(1, indices, 1.0)
+    return labels.scatter_(1, indices, 1.0 if keep is None else keep.to(labels.dtype))
 
 
 @torch.no_grad()
@@ -39,4 +42,5 @@ def select_topk(x: Tensor, bank: Tensor, k: int, valid: Tensor | None = None) ->
     ``x`` is ``g1`` (or ``z1``), ``bank`` is ``Q_g`` (or ``Q_z``); entries outside
     ``valid`` are never selected, and fewer than k valid entries are all selected.
     """
-    return labels_from_indices(topk_indices(cosine_similarity(x, bank), k, valid), bank.shape[0])
+    indices = topk_indices(cosine_similarity(x, bank), k, valid)
+    return labels_from_indices(indices, bank.shape[0], None if valid is None else valid.to(indices.device)[indices])

@@ -126,7 +126,7 @@ def nearest(g: Tensor, bank: Bank, k: int, exclude: Tensor | None = None) -> tup
         allowed = bank.index[None, :] != exclude[:, None]
         sim = sim.masked_fill(~allowed, float("-inf"))
         k = min(k, int(allowed.sum(1).min()))
-    rows = topk_indices(sim, min(k, sim.shape[1]))
+    rows = topk_indices(sim, k)
     return sim.gather(1, rows), rows
 
 
