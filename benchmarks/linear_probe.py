@@ -47,13 +47,22 @@ def benchmark(out: str = "runs/bench-linear", epochs: int = 8, max_steps: int = 
     arch, small_stem = results[0]["arch"], results[0]["small_stem"]
     results.append(linear(weights="random", arch=arch, small_stem=small_stem, image_size=image_size,
                           out=str(root / "eval-random"), **probe))
-    for result, name in zip(results, ("MLS", "MoCo-v2", "random init")):
+    names = ("MLS", "MoCo-v2", "random init")
+    for result, name in zip(results, names):
         result["weights"] = f"{name}: {result['weights']}"
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n" + per_class_table(results, names)
     (root / "results.md").write_text(table)
     print(f"\nLinear probe on the synthetic multi-label task, pretraining budget: {epochs} epochs"
           f"{f', at most {max_steps} steps' if max_steps > 0 else ''}\n\n{table}")
     return table
+
+
+def per_class_table(results: list[dict], names: tuple[str, ...]) -> str:
+    """AP of each class (rows) for each backbone (columns): which classes pretraining helped or hurt."""
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for cls in results[0]["per_class_ap"]:
+        lines.append(f"| {cls} | " + " | ".join(f"{r['per_class_ap'][cls]:.1f}" for r in results) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

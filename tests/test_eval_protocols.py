@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
 
 from mls.cli import main
+from mls.data.synthetic import CLASSES
 from mls.eval.commands import finetune, knn, linear
 
 TINY = {"arch": "resnet18", "small_stem": True, "image_size": 32, "synthetic_images": 32, "workers": 0}
@@ -26,6 +28,10 @@ def check_report(result: dict, table: str, protocol: str, runs: int = 2) -> list
         assert len(m["values"]) == runs and all(0 < v <= 100 for v in m["values"])
         assert m["mean"] == pytest.approx(statistics.fmean(m["values"]))
     assert f"| synthetic | {protocol} | mAP (headline) | {headline['mean']:.2f} | {headline['std']:.2f} | {runs} |" in table
+    # Per-class AP, averaged over runs: the classes that have test positives average to the headline mAP.
+    per_class = result["per_class_ap"]
+    assert list(per_class) == list(CLASSES)
+    assert statistics.fmean(v for v in per_class.values() if not math.isnan(v)) == pytest.approx(headline["mean"])
     return headline["values"]
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from mls.checkpoint import load_backbone
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
-from mls.eval.metrics import classification_metrics
+from mls.eval.metrics import average_precision, classification_metrics
 from mls.eval.protocols import Task, knn as knn_protocol, linear_probe
 from mls.eval.report import summarise, write_report
 
@@ -53,11 +55,14 @@ def evaluate(name: str, protocol, settings: dict, default_batch: int, weights: s
     task = Task(weights, info["arch"], info["small_stem"], load_dataset(dataset, data, size, synthetic_images),
                 size, batch_size or default_batch, workers)
     seeds = [seed + r for r in range(runs)]
-    per_run = [classification_metrics(*protocol(task, s), task.data.multilabel, voc07=dataset == "voc07")
-               for s in seeds]
+    outputs = [protocol(task, s) for s in seeds]
+    per_run = [classification_metrics(*o, task.data.multilabel, voc07=dataset == "voc07") for o in outputs]
     result = {"dataset": dataset, "protocol": name, "weights": weights, "runs": runs, "seeds": seeds,
               "arch": task.arch, "small_stem": task.small_stem, "image_size": size, "batch_size": task.batch_size,
               "settings": settings, "metrics": summarise(per_run)}
+    if task.data.multilabel:  # which classes a backbone serves well: the area AP of each, averaged over runs
+        per_class = torch.stack([average_precision(*o) for o in outputs]).mean(0)
+        result["per_class_ap"] = {c: 100 * ap for c, ap in zip(task.data.classes, per_class.tolist())}
     print(write_report(out or f"runs/eval/{dataset}-{name}", result))
     return result
 
