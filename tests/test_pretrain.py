@@ -197,3 +197,9 @@ def test_a_second_run_into_the_same_folder_neither_overwrites_nor_silently_resum
     with pytest.raises(FileExistsError, match="--resume auto"):
         pretrain(out=str(tmp_path), epochs=1, max_steps=2, **TINY)
     assert first.read_bytes() == before
+    # The mls executable says the same in one line, without a traceback, and exits with status 1.
+    proc = subprocess.run([sys.executable, "-m", "mls.cli", "pretrain", *tiny_args(tmp_path, epochs=1, max_steps=2)],
+                          capture_output=True, text=True, env={**os.environ, "MLS_TRACEBACK": ""})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("mls: error: ") and "--resume auto" in proc.stderr
+    assert first.read_bytes() == before

@@ -5,6 +5,7 @@ Options may be written with dashes or underscores (``--mls-loss`` or ``--mls_los
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from jsonargparse import CLI
@@ -42,10 +43,29 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
+# What bad input raises (a missing or unwritable path, an impossible setting): the message is the point.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` and run the sub-command; errors propagate (for use from Python and tests)."""
     argv = sys.argv[1:] if argv is None else argv
     CLI(_commands(), prog="mls", args=_underscore_options(argv))
 
 
+def console() -> None:
+    """The ``mls`` executable: bad input ends with ``mls: error: ...`` and exit status 1, not a traceback.
+
+    Set ``MLS_TRACEBACK=1`` to see the traceback as well.
+    """
+    try:
+        main()
+    except USER_ERRORS as error:
+        if os.environ.get("MLS_TRACEBACK"):
+            raise
+        sys.exit(f"mls: error: {error}")
+
+
 if __name__ == "__main__":
-    main()
+    console()
