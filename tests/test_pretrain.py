@@ -16,6 +16,7 @@ from PIL import Image
 from mls.checkpoint import load_pretrained, read_checkpoint
 from mls.cli import main
 from mls.train import pretrain
+from mls.train.module import PretrainModule
 
 TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
 
@@ -52,12 +53,38 @@ def test_cli_pretrain_writes_checkpoint_and_logs_and_exports(tmp_path):
     assert torch.equal(net.layer4[1].conv2.weight, model.backbone_q.layer4[1].conv2.weight)
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    """2 epochs straight == 1 epoch, stop, resume, 1 epoch: same weights and queues (CPU, exact up to 1e-6)."""
-    common = dict(TINY, epochs=2, seed=3)
-    steps_per_epoch = TINY["num_images"] // TINY["batch_size"]
+STEPS_PER_EPOCH = TINY["num_images"] // TINY["batch_size"]
+
+
+class Crash(Exception):
+    """Stands for a failure in the middle of an epoch."""
+
+
+@pytest.mark.parametrize("stop, how", [(STEPS_PER_EPOCH, "max_steps"), (STEPS_PER_EPOCH, "crash"),
+                                       (STEPS_PER_EPOCH + 2, "crash")],
+                         ids=["epoch-end", "crash-after-last-batch", "crash-mid-epoch"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch, stop, how):
+    """2 epochs straight == stopped after `stop` steps and resumed: same weights and queues (CPU, up to 1e-6).
+
+    A crash after a step leaves interrupted.ckpt. Stopped in the middle of epoch 1, the resumed run
+    must go on with the images of that epoch it had not reached, in the same order and with the same
+    crops, also when worker processes draw them.
+    """
+    common = dict(TINY, epochs=2, seed=3, workers=0 if how == "max_steps" else 2)
+    steps_per_epoch = STEPS_PER_EPOCH
     straight = pretrain(out=str(tmp_path / "straight"), **common)
-    pretrain(out=str(tmp_path / "split"), max_steps=steps_per_epoch, **common)
+    if how == "max_steps":
+        pretrain(out=str(tmp_path / "split"), max_steps=stop, **common)
+    else:
+        def crash(module, outputs, batch, batch_idx):
+            if module.global_step == stop:
+                raise Crash
+
+        monkeypatch.setattr(PretrainModule, "on_train_batch_end", crash, raising=False)
+        with pytest.raises(Crash):
+            pretrain(out=str(tmp_path / "split"), **common)
+        monkeypatch.undo()
+        assert read_checkpoint(tmp_path / "split" / "checkpoints" / "interrupted.ckpt")["global_step"] == stop
     resumed = pretrain(out=str(tmp_path / "split"), resume="auto", **common)
     a, b = read_checkpoint(straight), read_checkpoint(resumed)
     assert a["global_step"] == b["global_step"] == 2 * steps_per_epoch
@@ -161,11 +188,14 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_with_its_queues(tmp_path
     kept = [i for i in range(TINY["queue_size"]) if i not in written]
     for name in ("g", "z", "index", "box"):  # one more step rewrote one batch of rows, no other
         assert torch.equal(before[f"model.queue.field_{name}"][kept], after[f"model.queue.field_{name}"][kept])
-    # The rewritten rows hold keys of the updated encoder. (Their image indices and boxes may be the
-    # old ones: a run resumed mid-epoch restarts that epoch's image order, and its first batch can be
-    # the one these rows held.)
-    for name in ("g", "z"):
+    for name in ("g", "z", "box"):
         assert not torch.equal(before[f"model.queue.field_{name}"][written], after[f"model.queue.field_{name}"][written])
+    # ... with the images an uninterrupted run trains on at that step, although SIGTERM usually lands
+    # mid-epoch: the shuffled order of DistributedSampler (seed 0 + epoch), batch `step` of it.
+    epoch, batch = divmod(step, STEPS_PER_EPOCH)
+    order = torch.randperm(TINY["num_images"], generator=torch.Generator().manual_seed(epoch))
+    expected = order[batch * TINY["batch_size"]:(batch + 1) * TINY["batch_size"]]
+    assert after["model.queue.field_index"][written].tolist() == expected.tolist()
 
 
 def test_resume_auto_takes_the_checkpoint_that_got_furthest(tmp_path):

@@ -2,11 +2,14 @@
 
 The views of an image depend only on the run's seed, the epoch and the image index, not
 on the worker or rank that makes them, nor on whether the run was resumed: the sampler
-hands out ``(epoch, index)`` keys and each sample seeds its own random draws.
+hands out ``(epoch, index)`` keys and each sample seeds its own random draws. A run resumed
+in the middle of an epoch skips the keys that epoch had already trained on, so that it goes
+on exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 
 import lightning as L
 import torch
@@ -17,10 +20,40 @@ from mls.data.images import open_source
 
 
 class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` (also for one process) that yields ``(epoch, index)`` keys."""
+    """``DistributedSampler`` (also for one process) that yields ``(epoch, index)`` keys.
+
+    ``resume_at=(epoch, skip)`` drops the first ``skip`` keys of that epoch on this rank: the ones a
+    resumed run had already trained on. ``len()`` stays the full epoch's, as the trainer counts it.
+    """
+
+    def __init__(self, *args, resume_at: tuple[int, int] = (0, 0), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_at = resume_at
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in super().__iter__())
+        epoch, (resume_epoch, skip) = self.epoch, self.resume_at
+        keys = super().__iter__()
+        if epoch == resume_epoch:
+            keys = islice(keys, skip, None)
+        return ((epoch, i) for i in keys)
+
+
+def resume_point(trainer: L.Trainer | None, steps_per_epoch: int) -> tuple[int, int]:
+    """``(epoch, batches of it already trained on)`` where a fit goes on: ``(0, 0)`` for a fresh run.
+
+    Read from the trainer's loop counters, which a resumed fit restores before it asks for the
+    loader: an epoch that started and did not finish goes on after its last processed batch;
+    otherwise the next epoch starts from its first batch.
+    """
+    if trainer is None:
+        return 0, 0
+    epochs = trainer.fit_loop.epoch_progress.current
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if epochs.started > epochs.processed:  # stopped inside epoch `epochs.processed`
+        if batches < steps_per_epoch:
+            return epochs.processed, batches
+        return epochs.processed + 1, 0
+    return epochs.processed, 0
 
 
 class SeededViews(Dataset):
@@ -73,18 +106,25 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        world = trainer.world_size if trainer else 1
+        batch_size = self.settings["batch_size"]
+        epoch, done = resume_point(trainer, len(self.dataset) // world // batch_size)
         sampler = EpochSampler(
             self.dataset,
-            num_replicas=trainer.world_size if trainer else 1,
+            num_replicas=world,
             rank=trainer.global_rank if trainer else 0,
             shuffle=True,
             seed=self.settings["seed"],
             drop_last=True,
+            resume_at=(epoch, done * batch_size),
         )
+        # Worker processes draw the first epoch's keys as the loader starts, before the trainer
+        # sets the epoch: set it here.
+        sampler.set_epoch(epoch)
         workers = self.settings["workers"]
         return DataLoader(
             self.dataset,
-            batch_size=self.settings["batch_size"],
+            batch_size=batch_size,
             sampler=sampler,
             drop_last=True,  # every rank pushes the same number of keys (MoCo)
             num_workers=workers,

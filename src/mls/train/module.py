@@ -77,10 +77,11 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
-        self.model.extra_enabled = self.current_epoch >= self.hparams.extra_start_epoch
         self._failed = self._seen = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # set every step: a run resumed in the middle of an epoch does not start that epoch again
+        self.model.extra_enabled = self.current_epoch >= self.hparams.extra_start_epoch
         x1, x2 = batch["view1"], batch["view2"]
         if self.hparams.channels_last:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)

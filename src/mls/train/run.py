@@ -1,6 +1,7 @@
 """``mls pretrain``: settings checked up front, then a Lightning ``Trainer`` run."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,14 @@ from mls.train.module import PretrainModule
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted"
+# Lightning warnings that do not apply to these runs: `resolve_resume` picks the checkpoint (with
+# OnExceptionCheckpoint, Lightning goes looking for a "last" one on every fresh fit), and the sampler
+# goes on mid-epoch from the restored step (mls.train.data), which Lightning cannot see.
+_NOT_APPLICABLE = (
+    r"`\.fit\(ckpt_path=None\)` was called without a model",
+    r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint',
+    r"You're resuming from a checkpoint that ended before the epoch ended",
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -214,7 +223,10 @@ def pretrain(
         data=datamodule.describe(),
         labels=datamodule.labels(),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        for message in _NOT_APPLICABLE:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     last = out_dir / CHECKPOINTS / "last.ckpt"
     rank_zero_info(f"checkpoint: {last}\nlogs: {trainer.loggers[1].log_dir}/metrics.csv and {out_dir / 'tensorboard'} "
                    f"(mls plot {out_dir / 'csv'} --out curves.png; tensorboard --logdir {out_dir / 'tensorboard'})")
