@@ -25,4 +25,5 @@ def test_pretraining_configs_parse(name):
     cfg = parser.parse_path(str(CONFIGS / name))
     if "coco" in name:
         assert (cfg.arch, cfg.queue_size, cfg.tau, cfg.topk, cfg.epochs) == ("resnet50", 65536, 0.2, 20, 800)
+        assert (cfg.hue, cfg.grayscale_p, cfg.min_scale, cfg.blur) == (0.1, 0.2, 0.2, True)  # MoCo-v2's views
         assert cfg.method == ("mls" if name.startswith("mls") else "mocov2")

@@ -1,4 +1,6 @@
 """MoCo-v2 views: the reported crop box and flip match the pixels; the two-view data set skips bad files."""
+import colorsys
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,24 @@ def test_appearance_steps_change_pixels_only_when_on():
     assert np.abs(grey_pixels[..., 0] - grey_pixels[..., 2]).max() < 0.01
 
 
+def test_hue_zero_keeps_an_objects_hue_where_moco_v2s_jitter_moves_it():
+    red = Image.new("RGB", (16, 16), (220, 30, 30))  # hue 0 degrees
+
+    def largest_hue_shift(hue: float) -> float:
+        view = MoCoV2View(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, jitter_p=1, hue=hue, grayscale_p=0,
+                          blur_p=0)
+        shifts = []
+        for seed in range(20):
+            torch.manual_seed(seed)
+            r, g, b = to_pixels(view(red).image).reshape(-1, 3).mean(0) / 255
+            h = colorsys.rgb_to_hsv(r, g, b)[0]
+            shifts.append(360 * min(h, 1 - h))
+        return max(shifts)
+
+    assert largest_hue_shift(0.0) < 2  # brightness, contrast and saturation still vary
+    assert largest_hue_shift(0.1) > 15  # MoCo-v2: up to 36 degrees, red towards orange or magenta
+
+
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (5, 3), (1, 9)])
 def test_tiny_images_still_give_full_size_views(size):
     image, box, _ = MoCoV2View(32)(Image.new("RGB", size, (200, 100, 50)))
@@ -118,6 +138,8 @@ def test_bad_options_are_named():
         MoCoV2View(32, blur_p=1.5)
     with pytest.raises(ValueError, match="scale"):
         MoCoV2View(32, scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="hue"):
+        MoCoV2View(32, hue=0.6)
 
 
 @pytest.fixture

@@ -13,5 +13,5 @@ from mls.model import MLS
 from mls.queue import FeatureQueue
 from mls.selection import select_topk
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
 __all__ = ["MLS", "FeatureQueue", "select_topk", "infonce", "bce", "bce_pos", "knn_softmax"]

@@ -46,27 +46,30 @@ class MoCoV2View:
     """MoCo-v2's view (RandomResizedCrop, flip, colour jitter, grayscale, blur) with its crop box.
 
     The crop is sampled by torchvision's own ``RandomResizedCrop.get_params``; each ``*_p`` is the
-    probability of that step, so 0 turns it off. The blur's kernel and sigma range scale with ``size``
-    (``blur_sigma_range``) unless ``blur_sigma`` is given.
+    probability of that step, so 0 turns it off. ``hue`` is the jitter's largest hue shift as a share
+    of the colour circle (MoCo-v2: 0.1, i.e. up to 36 degrees). The blur's kernel and sigma range scale
+    with ``size`` (``blur_sigma_range``) unless ``blur_sigma`` is given.
     """
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, jitter_p: float = 0.8,
-                 grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple[float, float] | None = None,
-                 normalize: bool = True):
+                 hue: float = 0.1, grayscale_p: float = 0.2, blur_p: float = 0.5,
+                 blur_sigma: tuple[float, float] | None = None, normalize: bool = True):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p),
                         ("blur_p", blur_p)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} is a probability and must be between 0 and 1, got {p}")
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue is a share of the colour circle and must be between 0 and 0.5, got {hue}")
         self.size = size
         self.scale = scale
         self.ratio = ratio
         self.flip_p = flip_p
         blur = v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma or blur_sigma_range(size))
         appearance = [  # jitter and grayscale are fastest on PIL images, the blur on float tensors
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=jitter_p),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, hue)], p=jitter_p),
             v2.RandomGrayscale(p=grayscale_p),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),

@@ -86,13 +86,16 @@ class PretrainData(L.LightningDataModule):
         seed: int = 0,
         blur: bool = True,
         min_scale: float = 0.2,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
     ):
         super().__init__()
         self.settings = dict(data=data, annotations=annotations, image_size=image_size, batch_size=batch_size,
                              workers=workers, seed=seed)
         self.source = open_source(data, annotations=annotations, num_images=num_images, image_size=image_size,
                                   seed=seed)
-        view = MoCoV2View(size=image_size, scale=(min_scale, 1.0), blur_p=0.5 if blur else 0.0)
+        view = MoCoV2View(size=image_size, scale=(min_scale, 1.0), blur_p=0.5 if blur else 0.0, hue=hue,
+                          grayscale_p=grayscale_p)
         self.dataset = SeededViews(TwoViewDataset(self.source, view), seed)
 
     def describe(self) -> dict:

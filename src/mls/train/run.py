@@ -93,6 +93,8 @@ def pretrain(
     num_images: int = 2000,
     blur: bool = True,
     min_scale: float = 0.2,
+    hue: float = 0.0,
+    grayscale_p: float = 0.0,
     batch_size: int = 64,
     epochs: int = 8,
     max_steps: int = -1,
@@ -146,6 +148,9 @@ def pretrain(
         blur: Gaussian blur in the augmentation (MoCo-v2: p = 0.5, sigma 0.1-2 px at 224 px, scaled with
             the image size).
         min_scale: smallest crop area of RandomResizedCrop, as a share of the image (MoCo-v2: 0.2).
+        hue: largest hue shift of the colour jitter, as a share of the colour circle (MoCo-v2: 0.1). The
+            built-in scenes' classes differ by hue, orange and yellow by 23 degrees, so the demo keeps it at 0.
+        grayscale_p: probability of a grayscale view (MoCo-v2: 0.2; the demo: 0, for the same reason).
         batch_size: images per device and step.
         epochs: training epochs.
         max_steps: stop after this many steps (-1: run all epochs).
@@ -171,7 +176,7 @@ def pretrain(
     out_dir = Path(out)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = PretrainData(data, annotations, num_images, image_size, batch_size, workers, seed, blur,
-                              min_scale)
+                              min_scale, hue, grayscale_p)
     ckpt_path = resolve_resume(resume, out_dir)
     written = sorted(p.name for p in (out_dir / CHECKPOINTS).glob("*.ckpt"))
     if written and ckpt_path is None:
