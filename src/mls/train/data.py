@@ -73,7 +73,7 @@ class SeededViews(Dataset):
 
 
 class PretrainData(L.LightningDataModule):
-    """Images from a folder (or the built-in synthetic scenes) as pairs of MoCo-v2 views."""
+    """Images from a folder (or the built-in synthetic scenes) as pairs of views (MoCo-v2's by default)."""
 
     def __init__(
         self,
@@ -84,18 +84,14 @@ class PretrainData(L.LightningDataModule):
         batch_size: int = 64,
         workers: int = 2,
         seed: int = 0,
-        blur: bool = True,
-        min_scale: float = 0.2,
-        hue: float = 0.1,
-        grayscale_p: float = 0.2,
+        view: MoCoV2View | None = None,
     ):
         super().__init__()
         self.settings = dict(data=data, annotations=annotations, image_size=image_size, batch_size=batch_size,
                              workers=workers, seed=seed)
         self.source = open_source(data, annotations=annotations, num_images=num_images, image_size=image_size,
                                   seed=seed)
-        view = MoCoV2View(size=image_size, scale=(min_scale, 1.0), blur_p=0.5 if blur else 0.0, hue=hue,
-                          grayscale_p=grayscale_p)
+        view = view or MoCoV2View(size=image_size)
         self.dataset = SeededViews(TwoViewDataset(self.source, view), seed)
 
     def describe(self) -> dict:

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from mls.checkpoint import atomic_save
+from mls.data.augment import MoCoV2View
 from mls.train.data import PretrainData
 from mls.train.module import PretrainModule
 
@@ -175,8 +176,8 @@ def pretrain(
     """
     out_dir = Path(out)
     L.seed_everything(seed, workers=True, verbose=False)
-    datamodule = PretrainData(data, annotations, num_images, image_size, batch_size, workers, seed, blur,
-                              min_scale, hue, grayscale_p)
+    view = MoCoV2View(image_size, scale=(min_scale, 1.0), hue=hue, grayscale_p=grayscale_p, blur_p=0.5 if blur else 0.0)
+    datamodule = PretrainData(data, annotations, num_images, image_size, batch_size, workers, seed, view)
     ckpt_path = resolve_resume(resume, out_dir)
     written = sorted(p.name for p in (out_dir / CHECKPOINTS).glob("*.ckpt"))
     if written and ckpt_path is None:
