@@ -153,7 +153,7 @@ def test_too_many_unreadable_images_stop_the_run(tmp_path):
     "overrides, message",
     [({"queue_size": 48}, "queue_size"), ({"queue_size": 100}, "queue_size"), ({"topk": 24}, "topk"),
      ({"tau": 0.0}, "tau"), ({"momentum": 1.0}, "momentum"), ({"batch_size": 64}, "batch_size"),
-     ({"arch": "vgg16"}, "arch")],
+     ({"arch": "vgg16"}, "arch"), ({"hue": 0.6}, "hue"), ({"grayscale_p": 1.5}, "grayscale_p")],
 )
 def test_impossible_settings_are_rejected_before_training(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
