@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mls.data.images import IMAGE_EXTENSIONS, ImageFolderSource, UnreadableImage, load_rgb, open_source
+from mls.data.images import IMAGE_EXTENSIONS, ImageFolderSource, UnreadableImage, load_rgb
+from mls.data.sources import open_source
 from mls.data.synthetic import SyntheticScenes, write_coco
 
 GREY = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # 8 x 64 ramp 0..252

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from test_model import fill_queue, tiny
+from conftest import fill_queue, tiny
 
 B = 4
 

@@ -33,7 +33,7 @@ def loop_infonce(q, kp, queue, valid, tau):
     return total / len(q)
 
 
-def loop_bce(p, y, valid, tau, pos_only=False, balanced=False):
+def loop_bce(p, y, valid, tau, pos_only=False, balanced=False, bias=0.0):
     total = 0.0
     d_valid = int(valid.sum())
     for i in range(p.shape[0]):
@@ -42,7 +42,7 @@ def loop_bce(p, y, valid, tau, pos_only=False, balanced=False):
         for j in range(p.shape[1]):
             if not valid[j]:
                 continue
-            x = float(p[i, j]) / tau
+            x = float(p[i, j]) / tau + bias
             if y[i, j] == 1:
                 pos_sum += -log_sigmoid(x)
                 n_pos += 1
@@ -141,3 +141,30 @@ def test_knn_softmax_gradient_is_contradictory_but_bce_is_not():
     assert torch.allclose(grad_bce[0, :2], expected, rtol=1e-5)
     assert (grad_bce[0, :2] < 0).all()
 
+
+
+@pytest.mark.parametrize("pos_only", [False, True])
+def test_a_logit_bias_shifts_every_sigmoid_score(pos_only):
+    q, _, queue, labels, valid = random_case(n=4, d=9, k=2)
+    p, b = q @ queue.T, math.log(2 / (9 - 2))
+    got = bce_pos(p, labels, 0.2, valid, bias=b) if pos_only else bce(p, labels, 0.2, valid, bias=b)
+    assert float(got) == pytest.approx(loop_bce(p, labels, valid, 0.2, pos_only=pos_only, bias=b), rel=1e-5)
+
+
+def test_the_prior_bias_makes_the_negatives_cheap_at_the_start():
+    """At p = 0, Eq. 9 costs log 2 per entry; with b = log(k/(D-k)) a negative costs -log(1 - k/D) instead."""
+    d, k = 4096, 20
+    labels = torch.zeros(1, d)
+    labels[0, :k] = 1
+    p = torch.zeros(1, d)
+    b = math.log(k / (d - k))
+    expected = (k * -math.log(k / d) + (d - k) * -math.log(1 - k / d)) / d
+    assert float(bce(p, labels, 0.2, bias=b)) == pytest.approx(expected, rel=1e-5)
+    assert float(bce(p, labels, 0.2)) == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_infonce_with_one_mask_per_query_leaves_those_entries_out_of_its_denominator():
+    q, kp, queue, labels, valid = random_case(n=3, d=7, k=2)
+    per_query = valid[None, :] & ~labels.bool()  # e.g. each query's pseudo-positives removed
+    expected = sum(loop_infonce(q[i:i + 1], kp[i:i + 1], queue, per_query[i], 0.2) for i in range(3)) / 3
+    assert float(infonce(q, kp, queue, 0.2, per_query)) == pytest.approx(expected, rel=1e-5)

@@ -1,35 +1,14 @@
 """The MLS module: settings, momentum update, gradient flow, wiring of queues and losses."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mls import MLS
+from conftest import fill_queue, tiny, views
 from mls.losses import bce, infonce, knn_softmax
 from mls.selection import select_topk
-
-
-def tiny(**kwargs):
-    torch.manual_seed(0)
-    settings = dict(arch="resnet18", small_stem=True, queue_size=32, topk=4, momentum=0.9)
-    settings.update(kwargs)
-    return MLS(**settings)
-
-
-def views(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 16, 16, generator=g)
-    return x, x + 0.1 * torch.randn(x.shape, generator=g)
-
-
-def fill_queue(model, seed=2):
-    """Random but valid queue contents, with index = row number."""
-    g = torch.Generator().manual_seed(seed)
-    d = model.queue.size
-    entry = {"z": F.normalize(torch.randn(d, model.queue["z"].shape[1], generator=g), dim=1),
-             "index": torch.arange(d), "box": torch.rand(d, 4, generator=g)}
-    if "g" in model.queue:
-        entry["g"] = F.normalize(torch.randn(d, model.feature_dim, generator=g), dim=1)
-    model.queue.push(**entry)
+from mls.train.module import PretrainModule, extra_weight_factor
 
 
 def capture_encodings(model):
@@ -53,7 +32,7 @@ def capture_encodings(model):
     "setting, value",
     [("topk", 32), ("topk", 40), ("tau", 0.0), ("tau", -1.0), ("momentum", 1.0), ("momentum", -0.1),
      ("method", "simclr"), ("mls_loss", "focal"), ("select_from", "x"), ("arch", "vit_b_16"),
-     ("queue_size", 0), ("bce_tau", 0.0), ("queue_g_dtype", "int8")],
+     ("queue_size", 0), ("extra_tau", 0.0), ("queue_g_dtype", "int8")],
 )
 def test_invalid_settings_raise_naming_the_setting(setting, value):
     with pytest.raises(ValueError, match=setting if setting != "arch" else "arch"):
@@ -97,7 +76,7 @@ def test_only_z1_carries_gradient_and_nothing_reaches_key_encoder_or_queues():
 
 @pytest.mark.parametrize("mls_loss, loss_fn", [("bce", bce), ("knn", knn_softmax)])
 def test_losses_are_wired_to_the_queues_before_the_push(mls_loss, loss_fn):
-    model = tiny(mls_loss=mls_loss, bce_weight=0.5, bce_tau=0.1)
+    model = tiny(mls_loss=mls_loss, extra_weight=0.5, extra_tau=0.1)
     fill_queue(model)
     queue_g, queue_z = model.queue["g"].clone(), model.queue["z"].clone()
     seen = capture_encodings(model)
@@ -136,11 +115,14 @@ def test_mocov2_is_infonce_only_and_keeps_no_backbone_queue():
 
 
 def test_extra_loss_waits_for_a_full_queue_when_asked():
-    model = tiny(extra_after_full_queue=True, queue_size=16)
-    out = model(*views())  # 6 of 16 written
+    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, extra_weight=1.0),
+                            train={"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 0,
+                                   "extra_after_full_queue": True})
+    model = module.model
+    out = model(*views(), extra_weight=module.extra_weight())  # 6 of 16 written
     assert float(out["loss"]) == float(out["loss_infonce"])
     fill_queue(model)
-    out = model(*views())
+    out = model(*views(), extra_weight=module.extra_weight())
     assert float(out["loss"]) == pytest.approx(float(out["loss_infonce"] + out["loss_extra"]), rel=1e-6)
 
 
@@ -178,3 +160,70 @@ def test_autocast_keeps_losses_in_fp32_and_queue_g_can_be_bf16():
         out = model(*views())
     assert out["loss"].dtype == torch.float32 and out["pos_sim"].dtype == torch.float32
     assert model.queue["z"].dtype == torch.float32
+
+
+def test_q_g_only_scores_the_backbone_feature_against_q_g_and_its_gradient_reaches_g1():
+    """Table 7, "Q_g only": labels and logits both from ĝ1·Q_gᵀ; the rows of Q_g act as the classifiers."""
+    model = tiny(logits_from="g", extra_weight=0.5, extra_tau=0.1)
+    fill_queue(model)
+    queue_g, queue_z = model.queue["g"].clone(), model.queue["z"].clone()
+    seen = capture_encodings(model)
+    out = model(*views())
+    g1, z1 = seen["g1"], seen["z1"]
+    p = F.normalize(g1, dim=1) @ queue_g.T  # written out: cosine of g1 to each row of Q_g
+    top = p.detach().topk(4, dim=1).indices
+    y = torch.zeros_like(p).scatter_(1, top, 1.0)
+    x = p / 0.1
+    expected_extra = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).sum(1).div(32).mean()
+    assert float(out["loss_extra"]) == pytest.approx(float(expected_extra), rel=1e-5)
+    # d(loss)/d(g1) has a part from the extra loss directly, beside the one through the MLP and z1
+    (dz1,) = torch.autograd.grad(out["loss"], z1, retain_graph=True)
+    via_z1 = torch.autograd.grad(z1, g1, grad_outputs=dz1, retain_graph=True)[0]
+    (total,) = torch.autograd.grad(out["loss"], g1, retain_graph=True)
+    (direct,) = torch.autograd.grad(0.5 * expected_extra, g1)
+    assert direct.abs().sum() > 0
+    assert torch.allclose(total, via_z1 + direct, atol=1e-5)
+
+
+def test_pseudo_positives_leave_infonce_only_when_asked():
+    plain, masked = tiny(), tiny(mask_positives=True)
+    for model in (plain, masked):
+        fill_queue(model)
+    queue_g, queue_z = plain.queue["g"].clone(), plain.queue["z"].clone()
+    seen = capture_encodings(masked)
+    out_plain, out_masked = plain(*views()), masked(*views())
+    z1, z2, g1 = seen["z1"].detach(), seen["z2"], seen["g1"].detach()
+    labels = select_topk(g1, queue_g, 4)
+    assert float(out_plain["loss_infonce"]) == pytest.approx(float(infonce(z1, z2, queue_z, 0.2)), rel=1e-5)
+    l_pos, l_neg = (z1 * z2).sum(1) / 0.2, z1 @ queue_z.T / 0.2
+    expected = -(l_pos - torch.logsumexp(torch.cat([l_pos[:, None], l_neg.masked_fill(labels.bool(), -1e9)], 1), 1))
+    assert float(out_masked["loss_infonce"]) == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert float(out_masked["loss_infonce"]) < float(out_plain["loss_infonce"])  # fewer terms in the denominator
+
+
+@pytest.mark.parametrize("kind", ["fixed", "learned"])
+def test_the_logit_bias_starts_at_the_prior_of_a_positive(kind):
+    model = tiny(logit_bias=kind, queue_size=32, topk=4)
+    assert float(model.logit_bias) == pytest.approx(math.log(4 / 28))
+    assert model.logit_bias.requires_grad == (kind == "learned")
+    fill_queue(model)
+    out = model(*views())
+    out["loss"].backward()
+    assert (model.logit_bias.grad is not None) == (kind == "learned")
+
+
+@pytest.mark.parametrize("epoch, start, ramp, expected", [
+    (0.0, 2, 0, 0.0), (1.99, 2, 0, 0.0), (2.0, 2, 0, 1.0), (7.5, 2, 0, 1.0),   # a hard start at epoch 2
+    (2.0, 2, 4, 0.0), (3.0, 2, 4, 0.25), (5.0, 2, 4, 0.75), (6.0, 2, 4, 1.0), (9.0, 2, 4, 1.0),  # a ramp
+    (0.5, 0, 2, 0.25)])
+def test_the_weight_of_the_extra_loss_ramps_linearly(epoch, start, ramp, expected):
+    assert extra_weight_factor(epoch, start, ramp) == pytest.approx(expected)
+
+
+def test_the_trainer_passes_the_scheduled_weight_to_the_model():
+    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, extra_weight=0.5),
+                            train={"channels_last": False, "extra_start_epoch": 1, "extra_ramp_epochs": 2,
+                                   "extra_after_full_queue": False}, steps_per_epoch=10)
+    steps = {0: 0.0, 10: 0.0, 20: 0.25, 25: 0.375, 30: 0.5, 100: 0.5}
+    for step, weight in steps.items():
+        assert float(module.extra_weight(step)) == pytest.approx(weight), step

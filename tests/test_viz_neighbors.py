@@ -8,7 +8,7 @@ from PIL import Image
 from mls import MLS
 from mls.checkpoint import save_pretrained
 from mls.cli import main
-from mls.data.images import open_source
+from mls.data.sources import open_source
 from mls.viz.neighbors import Bank, Layout, nearest, neighbors, queue_bank
 
 NUM_IMAGES, SIZE, TILE = 40, 32, 64  # 32 px images in 64 px tiles: every box edge lands on a whole pixel

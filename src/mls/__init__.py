@@ -3,15 +3,16 @@
 The method itself — model, queues, pseudo-label selection and losses — needs only
 torch and torchvision::
 
-    from mls import MLS
-    model = MLS(arch="resnet50", method="mls", topk=20, queue_size=65536)
+    from mls import MLS, MLSConfig
+    model = MLS(MLSConfig())                 # the main paper's settings; or MLS(arch="resnet18", topk=5)
     out = model(x1, x2, {"index": idx, "box": box2})
     out["loss"].backward()
 """
+from mls.config import MLSConfig
 from mls.losses import bce, bce_pos, infonce, knn_softmax
 from mls.model import MLS
 from mls.queue import FeatureQueue
 from mls.selection import select_topk
 
-__version__ = "0.2.0"
-__all__ = ["MLS", "FeatureQueue", "select_topk", "infonce", "bce", "bce_pos", "knn_softmax"]
+__version__ = "0.3.0"
+__all__ = ["MLS", "MLSConfig", "FeatureQueue", "select_topk", "infonce", "bce", "bce_pos", "knn_softmax"]

@@ -5,6 +5,8 @@ from torch import nn
 import torchvision
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of torchvision's ResNets, used by every pipeline
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_backbone(arch: str = "resnet50", small_stem: bool = False) -> tuple[nn.Module, int]:

@@ -2,10 +2,12 @@
 
 A pretraining checkpoint is Lightning's: ``state_dict`` holds the ``MLS`` module under
 ``model.`` (both encoders and the queues) and ``hyper_parameters`` holds ``model`` (the
-``MLS`` keyword arguments) and ``data`` (what it was trained on).
+``MLSConfig`` fields), ``data`` (what it was trained on) and ``mls_version``. Checkpoints of
+mls 0.2 (no ``mls_version``; older setting names and defaults) still load.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mls.backbones import ARCHS, build_backbone
+import mls
+from mls.backbones import build_backbone
+from mls.config import MLSConfig, from_dict
 from mls.files import atomic_write
 from mls.model import MLS
 
 PREFIX = "model."
+# Defaults of mls 0.2's MLS, for checkpoints written without every setting; the names are translated
+# by ``mls.config.RENAMED`` (bce_weight -> extra_weight, bce_tau -> extra_tau).
+DEFAULTS_0_2 = {"queue_size": 65536, "dim": 128, "momentum": 0.999, "extra_weight": 1.0}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -37,22 +44,51 @@ def is_pretraining_checkpoint(ckpt: dict) -> bool:
     return isinstance(ckpt, dict) and "state_dict" in ckpt and "model" in ckpt.get("hyper_parameters", {})
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+def model_config(info: dict, path: str | os.PathLike = "the checkpoint") -> MLSConfig:
+    """The ``MLSConfig`` a checkpoint's hyper-parameters describe, from mls 0.2 on."""
+    version = info.get("mls_version", "0.2")
+    if _version(version) > _version(mls.__version__):
+        raise ValueError(f"{path} was written by mls {version}, newer than this mls {mls.__version__}: "
+                         "upgrade mls to read it")
+    settings = dict(info["model"])
+    if "mls_version" not in info:  # mls 0.2 stored its own keyword arguments, under its own defaults
+        settings = {**DEFAULTS_0_2, **settings}
+    return from_dict(MLSConfig, settings)
+
+
 def load_pretrained(path: str | os.PathLike) -> tuple[MLS, dict]:
-    """The ``MLS`` module of a pretraining checkpoint, queues included, and its hyper-parameters."""
+    """The ``MLS`` module of a pretraining checkpoint, queues included, and its hyper-parameters.
+
+    ``info["model"]`` holds every field of the model's ``MLSConfig`` (``model.config``), also for
+    checkpoints of older versions.
+    """
     ckpt = read_checkpoint(path)
     if not is_pretraining_checkpoint(ckpt):
         raise ValueError(f"{path} is not a pretraining checkpoint of `mls pretrain` (no model hyper-parameters)")
+    return _pretrained(ckpt, path)
+
+
+def _pretrained(ckpt: dict, path: str | os.PathLike) -> tuple[MLS, dict]:
     info = dict(ckpt["hyper_parameters"])
-    model = MLS(**info["model"])
+    config = model_config(info, path)
+    model = MLS(config)
     state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
-    model.load_state_dict(state)
-    return model.eval(), info
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} (mls {info.get('mls_version', '0.2')}) does not fit its own settings: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval(), {**info, "model": dataclasses.asdict(config)}
 
 
-def save_pretrained(path: str | os.PathLike, model: MLS, info: dict) -> None:
-    """Write ``model`` in the pretraining checkpoint format (``info`` needs ``model``: its kwargs)."""
+def save_pretrained(path: str | os.PathLike, model: MLS, info: dict | None = None) -> None:
+    """Write ``model`` in the pretraining checkpoint format, with its settings and ``info`` (e.g. ``data``)."""
     state = {PREFIX + k: v for k, v in model.state_dict().items()}
-    atomic_save({"state_dict": state, "hyper_parameters": dict(info)}, path)
+    hyper = {**(info or {}), "model": dataclasses.asdict(model.config), "mls_version": mls.__version__}
+    atomic_save({"state_dict": state, "hyper_parameters": hyper}, path)
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
@@ -66,37 +102,50 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     return arch, state["conv1.weight"].shape[-1] == 3
 
 
+def backbone_info(weights: str, arch: str | None = None, small_stem: bool | None = None,
+                  ckpt: dict | None = None) -> dict:
+    """What ``load_backbone`` would build — ``arch``, ``small_stem``, ``image_size`` (the pretraining
+    resolution when known) — read from the file's metadata, without building a network."""
+    if weights == "random":
+        return {"arch": arch or "resnet50", "small_stem": bool(small_stem), "image_size": None}
+    ckpt = read_checkpoint(weights) if ckpt is None else ckpt
+    if is_pretraining_checkpoint(ckpt):
+        config = model_config(ckpt["hyper_parameters"], weights)
+        return {"arch": config.arch, "small_stem": config.small_stem,
+                "image_size": ckpt["hyper_parameters"].get("data", {}).get("image_size")}
+    state = _torchvision_state(ckpt, weights)
+    found_arch, found_small = infer_arch(state)
+    if (arch or found_arch) != found_arch:
+        raise ValueError(f"{weights} holds {found_arch} weights, not {arch}")
+    return {"arch": found_arch, "small_stem": found_small if small_stem is None else small_stem, "image_size": None}
+
+
+def _torchvision_state(ckpt, weights: str) -> dict:
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "conv1.weight" not in state:
+        raise ValueError(f"{weights} holds neither a pretraining checkpoint nor torchvision ResNet weights")
+    return state
+
+
 def load_backbone(
     weights: str, arch: str | None = None, small_stem: bool | None = None
 ) -> tuple[nn.Module, int, dict]:
     """A torchvision ResNet (``fc = Identity``) with the query-encoder weights of ``weights``.
 
     ``weights`` is a pretraining checkpoint, an exported torchvision state_dict, or
-    ``"random"``. Returns the backbone, its feature size and ``info`` (``arch``,
-    ``small_stem``, ``image_size``: the pretraining resolution when known).
+    ``"random"``. Returns the backbone, its feature size and ``backbone_info``'s dict.
     """
-    if weights == "random":
-        arch, small_stem = arch or "resnet50", bool(small_stem)
-        backbone, dim = build_backbone(arch, small_stem)
-        return backbone, dim, {"arch": arch, "small_stem": small_stem, "image_size": None}
-    ckpt = read_checkpoint(weights)
-    if is_pretraining_checkpoint(ckpt):
-        model, info = load_pretrained(weights)
-        kwargs = info["model"]
-        backbone, dim = model.backbone_q.train(), model.feature_dim  # the same mode as a fresh network
-        return backbone, dim, {"arch": kwargs.get("arch", "resnet50"), "small_stem": kwargs.get("small_stem", False),
-                               "image_size": info.get("data", {}).get("image_size")}
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise ValueError(f"{weights} holds neither a pretraining checkpoint nor torchvision ResNet weights")
-    found_arch, found_small = infer_arch(state)
-    arch = arch or found_arch
-    small_stem = found_small if small_stem is None else small_stem
-    if arch not in ARCHS or arch != found_arch:
-        raise ValueError(f"{weights} holds {found_arch} weights, not {arch}")
-    backbone, dim = build_backbone(arch, small_stem)
+    ckpt = None if weights == "random" else read_checkpoint(weights)
+    info = backbone_info(weights, arch, small_stem, ckpt)
+    if ckpt is not None and is_pretraining_checkpoint(ckpt):
+        model, _ = _pretrained(ckpt, weights)
+        return model.backbone_q.train(), model.feature_dim, info  # the same mode as a fresh network
+    backbone, dim = build_backbone(info["arch"], info["small_stem"])
+    if ckpt is None:
+        return backbone, dim, info
+    state = _torchvision_state(ckpt, weights)
     missing, unexpected = backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
                                                    strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return backbone, dim, {"arch": arch, "small_stem": small_stem, "image_size": None}
+        raise ValueError(f"{weights} does not fit {info['arch']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return backbone, dim, info

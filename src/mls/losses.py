@@ -2,9 +2,10 @@
 
 Notation follows the paper: ``q = z1`` is the query embedding, ``k = z2`` its key,
 ``Q_z`` the queue of keys, ``p = q·Q_zᵀ`` the ``logits`` (N x D), ``y`` the binary
-pseudo-labels (N x D) and ``tau`` the temperature. ``valid`` is a boolean mask (D,)
-of queue entries that were written: the others take no part in any loss, and every
-mean over "D" entries runs over the valid ones only. All losses are computed in fp32.
+pseudo-labels (N x D) and ``tau`` the temperature. ``valid`` is a boolean mask (D,), or
+(N x D) for one mask per query, of the queue entries that take part: the others (never
+written, or left out on purpose) count in no loss, and every mean over "D" entries runs
+over the valid ones only. All losses are computed in fp32.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from torch import Tensor
 
 
 def _valid_mask(logits: Tensor, valid: Tensor | None) -> Tensor:
+    """The mask of entries that take part, (1 x D) or (N x D), from ``valid`` (D,), (N x D) or None (all)."""
     if valid is None:
-        return torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    return valid.to(device=logits.device, dtype=torch.bool)
+        return torch.ones(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+    return valid.to(device=logits.device, dtype=torch.bool).reshape(-1, logits.shape[-1])
 
 
 def infonce(q: Tensor, k: Tensor, queue_z: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
@@ -27,42 +29,45 @@ def infonce(q: Tensor, k: Tensor, queue_z: Tensor, tau: float, valid: Tensor | N
 
 def infonce_from_logits(l_pos: Tensor, l_neg: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
     """InfoNCE from ``l_pos = q·k+`` (N,) and ``l_neg = q·Q_zᵀ`` (N x D), so ``p`` is computed once."""
-    l_neg = l_neg.float().masked_fill(~_valid_mask(l_neg, valid), float("-inf"))
+    l_neg = l_neg.float().masked_fill(~_valid_mask(l_neg, valid), float("-inf"))  # the positive always counts
     logits = torch.cat([l_pos.float()[:, None], l_neg], dim=1) / tau
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def _binary_terms(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """``log σ(p/τ)`` and ``log(1 − σ(p/τ))``, computed stably."""
-    x = logits.float() / tau
+def _binary_terms(logits: Tensor, tau: float, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    """``log σ(p/τ + b)`` and ``log(1 − σ(p/τ + b))``, computed stably."""
+    x = logits.float() / tau + bias
     return F.logsigmoid(x), F.logsigmoid(-x)
 
 
-def bce(
-    logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None, balanced: bool = False
-) -> Tensor:
+def bce(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None, balanced: bool = False,
+        bias: Tensor | float = 0.0) -> Tensor:
     """Eq. 9: ``−(1/D) Σ_i [y_i log σ(p_i/τ) + (1−y_i) log(1 − σ(p_i/τ))]``, averaged over the batch.
 
-    ``balanced=True`` averages the positive and the negative terms separately and sums
-    the two means, so that the ~D/k times more negatives do not drown the positives
-    (a variant the paper leaves open; see MLS_METHOD.md).
+    Two departures the paper does not have, both off by default:
+    ``balanced=True`` averages the positive and the negative terms separately and sums the two
+    means, so that the ~D/k times more negatives do not drown the positives. ``bias`` scores
+    ``σ(p/τ + b)``: started at the prior log-odds of a positive, ``log(k/(D−k))``, it keeps the one
+    mean over D while the negatives start near zero loss (as sigmoid losses over millions of
+    negatives do).
     """
     mask = _valid_mask(logits, valid).float()
     y = labels.float() * mask
-    log_pos, log_neg = _binary_terms(logits, tau)
+    log_pos, log_neg = _binary_terms(logits, tau, bias)
     pos_term, neg_term = y * log_pos, (mask - y) * log_neg
     if balanced:
         n_pos = y.sum(dim=1).clamp(min=1)
         n_neg = (mask - y).sum(dim=1).clamp(min=1)
         return -(pos_term.sum(1) / n_pos + neg_term.sum(1) / n_neg).mean()
-    return -((pos_term + neg_term).sum(dim=1) / mask.sum().clamp(min=1)).mean()
+    return -((pos_term + neg_term).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
-def bce_pos(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:
-    """Eq. 15: ``−(1/D) Σ_i y_i log σ(p_i/τ)`` — BCE without its negative term."""
+def bce_pos(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None,
+            bias: Tensor | float = 0.0) -> Tensor:
+    """Eq. 15: ``−(1/D) Σ_i y_i log σ(p_i/τ)`` — BCE without its negative term (``bias`` as in ``bce``)."""
     mask = _valid_mask(logits, valid).float()
-    log_pos, _ = _binary_terms(logits, tau)
-    return -((labels.float() * mask * log_pos).sum(dim=1) / mask.sum().clamp(min=1)).mean()
+    log_pos, _ = _binary_terms(logits, tau, bias)
+    return -((labels.float() * mask * log_pos).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
 def knn_softmax(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None) -> Tensor:

@@ -42,9 +42,9 @@ class FeatureQueue(nn.Module):
         return torch.arange(self.size, device=self.ptr.device) < self.count
 
     @property
-    def fill(self) -> float:
-        """Share of the rows written so far."""
-        return float(self.count) / self.size
+    def full(self) -> Tensor:
+        """Whether every row was written (a 0-d bool tensor: reading it needs no host sync)."""
+        return self.count >= self.size
 
     @torch.no_grad()
     def push(self, **batch: Tensor) -> None:

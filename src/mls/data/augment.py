@@ -1,6 +1,7 @@
 """MoCo-v2 augmentation that also reports where each view was cropped, and the two-view data set."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -9,10 +10,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
+from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
+from mls.config import setting
 from mls.data.images import UnreadableImage
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class View(NamedTuple):
@@ -90,6 +90,28 @@ class MoCoV2View:
         return View(self.appearance(crop).as_subclass(torch.Tensor), box, flipped)
 
 
+@dataclass(frozen=True)
+class ViewConfig:
+    """The settings of the pretraining views; defaults are MoCo-v2's (main paper §4.1)."""
+
+    image_size: int = setting(224, "side of the random-resized crops")
+    min_scale: float = setting(0.2, "smallest crop area of RandomResizedCrop, as a share of the image (MoCo-v2: 0.2)")
+    hue: float = setting(0.1, "largest hue shift of the colour jitter, as a share of the colour circle (MoCo-v2: "
+                              "0.1); the built-in scenes' classes differ by hue, so the demo keeps it at 0")
+    grayscale_p: float = setting(0.2, "probability of a grayscale view (MoCo-v2: 0.2; the demo: 0, for the same "
+                                      "reason)")
+    blur: bool = setting(True, "Gaussian blur with p = 0.5 (MoCo-v2: sigma 0.1-2 px at 224 px, scaled with the "
+                               "image size)")
+
+    def __post_init__(self):
+        self.transform()  # MoCoV2View checks every value
+
+    def transform(self) -> "MoCoV2View":
+        """MoCo-v2's view with these settings."""
+        return MoCoV2View(self.image_size, scale=(self.min_scale, 1.0), hue=self.hue, grayscale_p=self.grayscale_p,
+                          blur_p=0.5 if self.blur else 0.0)
+
+
 class TwoViewDataset(Dataset):
     """Two views of each source image, with their crop boxes, for MoCo / MLS pretraining.
 
@@ -116,9 +138,6 @@ class TwoViewDataset(Dataset):
                 failures.append(str(error))
                 continue
             view1, view2 = self.transform(img), self.transform(img)
-            return {
-                "view1": view1.image, "view2": view2.image, "box1": view1.box, "box2": view2.box,
-                "flip1": view1.flipped, "flip2": view2.flipped, "index": index, "failed": failed,
-            }
+            return {"view1": view1.image, "view2": view2.image, "box2": view2.box, "index": index, "failed": failed}
         raise RuntimeError(
             f"{len(failures)} consecutive unreadable images from index {i}; the last: {failures[-1]}")

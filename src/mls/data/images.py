@@ -156,13 +156,3 @@ def labels_to_multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tens
     for row, image_labels in enumerate(labels):
         out[row, list(image_labels)] = 1.0
     return out
-
-
-def open_source(data: str | None = None, *, annotations: str | None = None, num_images: int = 2000,
-                image_size: int = 64, seed: int = 0):
-    """``None`` or ``"synthetic"``: the built-in scenes; otherwise the image folder ``data``."""
-    if data is None or data == "synthetic":
-        from mls.data.synthetic import SyntheticScenes
-
-        return SyntheticScenes(num_images, image_size, seed)
-    return ImageFolderSource(data, annotations)

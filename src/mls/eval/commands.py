@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 
-from mls.checkpoint import load_backbone
+from mls.checkpoint import backbone_info
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
 from mls.eval.metrics import average_precision, classification_metrics
@@ -49,7 +49,7 @@ def evaluate(name: str, protocol, settings: dict, default_batch: int, weights: s
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     if runs < 1:
         raise ValueError(f"--runs must be at least 1, got {runs}")
-    _, _, info = load_backbone(weights, arch=arch, small_stem=small_stem)
+    info = backbone_info(weights, arch=arch, small_stem=small_stem)
     recipe = finetuning.RECIPES[dataset]
     size = image_size or recipe.image_size or info.get("image_size") or SYNTHETIC_SIZE
     task = Task(weights, info["arch"], info["small_stem"], load_dataset(dataset, data, size, synthetic_images),

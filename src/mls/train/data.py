@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mls.data.augment import MoCoV2View, TwoViewDataset
-from mls.data.images import open_source
+from mls.data.sources import open_source
 
 
 class EpochSampler(DistributedSampler):

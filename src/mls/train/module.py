@@ -9,6 +9,8 @@ import torch
 
 from lightning.pytorch.utilities import rank_zero_info
 
+import mls
+from mls.config import MLSConfig
 from mls.model import MLS
 
 
@@ -18,6 +20,17 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def extra_weight_factor(epoch: float, start: float, ramp: float) -> float:
+    """Share of λ at a (fractional) epoch: 0 before ``start``, then linear from 0 to 1 over ``ramp`` epochs.
+
+    ``ramp = 0`` switches the extra loss on at once (InfoNCE alone before it: the main paper's other
+    remedy for an unstable start).
+    """
+    if epoch < start:
+        return 0.0
+    return 1.0 if ramp <= 0 else min(1.0, (epoch - start) / ramp)
 
 
 def neighbour_precision(labels: torch.Tensor, query_index: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
@@ -34,34 +47,23 @@ def neighbour_precision(labels: torch.Tensor, query_index: torch.Tensor, neighbo
 
 
 class PretrainModule(L.LightningModule):
-    """SGD with momentum, warm-up + cosine schedule stepped every iteration, and one log per loss term.
+    """SGD with momentum, warm-up + cosine schedule stepped every iteration, λ's schedule, one log per term.
 
-    The schedule spans ``total_steps`` (all epochs of the run), so a run stopped early and
-    resumed follows the same learning rates as one that ran straight through.
-
-    ``model`` holds the ``MLS`` keyword arguments; ``data`` describes the training data (for
-    the figures); ``labels`` — the multi-hot table of the data set when known — turns on the
-    pseudo-label precision log.
+    ``model``, ``train`` and ``view`` are the run's ``MLSConfig``, ``TrainConfig`` and ``ViewConfig`` as
+    dicts (stored in the checkpoint as they are). The learning-rate schedule spans every epoch of the
+    run, so a run stopped early and resumed follows the same rates as one that ran straight through.
+    ``data`` describes the training data (for the figures); ``labels`` — the data set's multi-hot
+    table when known — turns on the pseudo-label precision log.
     """
 
-    def __init__(
-        self,
-        model: dict,
-        lr: float = 0.03,
-        weight_decay: float = 1e-4,
-        sgd_momentum: float = 0.9,
-        total_steps: int = 1,
-        warmup_steps: int = 0,
-        extra_start_epoch: int = 0,
-        channels_last: bool = False,
-        max_failed_share: float = 0.05,
-        data: dict | None = None,
-        labels: torch.Tensor | None = None,
-    ):
+    def __init__(self, model: dict, train: dict, view: dict | None = None, steps_per_epoch: int = 1,
+                 total_batch: int = 256, data: dict | None = None, labels: torch.Tensor | None = None,
+                 mls_version: str = mls.__version__):
         super().__init__()
         self.save_hyperparameters(ignore=["labels"])
-        self.model = MLS(**model)
-        if channels_last:
+        self.model = MLS(MLSConfig(**model))
+        self.train_config = train
+        if train["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
         # the data set's multi-hot labels, on the model's device so that the precision costs no sync
         self.register_buffer("labels", None if labels is None else labels.bool(), persistent=False)
@@ -69,28 +71,47 @@ class PretrainModule(L.LightningModule):
         self._failed = self._seen = 0
 
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.sgd_momentum, weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, hp.total_steps, hp.warmup_steps))
+        t, hp = self.train_config, self.hparams
+        total, warmup = hp.steps_per_epoch * t["epochs"], round(t["warmup_epochs"] * hp.steps_per_epoch)
+        decay, no_decay = [], []  # the logit bias of the BCE is a prior, not a weight: no decay
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name == "logit_bias" else decay).append(p)
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+        optimizer = torch.optim.SGD(groups, lr=self._lr(), momentum=t["sgd_momentum"], weight_decay=t["weight_decay"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _lr(self) -> float:
+        lr = self.train_config["lr"]
+        return 0.3 * self.hparams.total_batch / 256 if lr is None else lr
+
+    def extra_weight(self, step: int | None = None) -> float | torch.Tensor:
+        """λ for a training step (default: this one): the configured weight times its schedule (start,
+        ramp, full queue). From the step count, so also right in an epoch that a resumed run starts half-way."""
+        t = self.train_config
+        step = self.global_step if step is None else step
+        factor = extra_weight_factor(step / self.hparams.steps_per_epoch, t["extra_start_epoch"], t["extra_ramp_epochs"])
+        weight = self.model.config.extra_weight * factor
+        if t["extra_after_full_queue"]:
+            weight = weight * self.model.queue.full  # a tensor: no host sync
+        return weight
 
     def on_train_epoch_start(self) -> None:
         self._failed = self._seen = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # set every step: a run resumed in the middle of an epoch does not start that epoch again
-        self.model.extra_enabled = self.current_epoch >= self.hparams.extra_start_epoch
         x1, x2 = batch["view1"], batch["view2"]
-        if self.hparams.channels_last:
+        if self.train_config["channels_last"]:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
-        out = self.model(x1, x2, {"index": batch["index"], "box": batch["box2"]})
+        weight = self.extra_weight()
+        out = self.model(x1, x2, {"index": batch["index"], "box": batch["box2"]}, extra_weight=weight)
         self._failed = self._failed + batch["failed"].sum()  # stays on the device: no sync per step
         self._seen += len(x1)
 
         logs = {f"train/{name}": out[name] for name in ("loss", "loss_infonce", "loss_extra", "pos_sim", "queue_fill")}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        logs["train/extra_weight"] = weight
         if self.labels is not None:
             logs["train/label_precision"] = neighbour_precision(self.labels, batch["index"], out["neighbor_index"])
         now = time.perf_counter()
@@ -112,7 +133,8 @@ class PretrainModule(L.LightningModule):
         share = failed / (failed + seen)
         rank_zero_info(f"epoch {self.current_epoch}: skipped {failed} unreadable images "
                        f"({share:.1%} of {failed + seen} read)")
-        if share > self.hparams.max_failed_share:
+        limit = self.train_config["max_failed_share"]
+        if share > limit:
             raise RuntimeError(
                 f"{share:.1%} of the images read in epoch {self.current_epoch} were unreadable, more than "
-                f"max_failed_share={self.hparams.max_failed_share:.1%}; check the data folder")
+                f"max_failed_share={limit:.1%}; check the data folder")

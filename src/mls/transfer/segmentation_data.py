@@ -14,11 +14,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.transfer.detection_data import read_voc_xml, voc_class_names, voc_sets
 
 DATASETS = ("cityscapes", "voc-seg")
 IGNORE = 255
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def cityscapes_train_ids() -> torch.Tensor:

@@ -231,7 +231,7 @@ def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: s
         tile: Size in pixels of each square panel of the figure.
     """
     from mls.checkpoint import load_pretrained
-    from mls.data.images import open_source
+    from mls.data.sources import open_source
 
     if checkpoint is None:
         raise ValueError("--checkpoint is required: the pretraining checkpoint whose queue is searched")
