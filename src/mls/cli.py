@@ -16,6 +16,7 @@ def _commands() -> dict:
     from mls.data.synthetic import synth
     from mls.eval.commands import finetune, knn, linear
     from mls.export import export
+    from mls.study import study
     from mls.train import pretrain
     from mls.transfer.commands import detect, segment
     from mls.viz.curves import plot
@@ -29,6 +30,7 @@ def _commands() -> dict:
         "transfer": {"detect": detect, "segment": segment},
         "visualize": {"neighbors": neighbors},
         "plot": plot,
+        "study": study,
     }
 
 

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 import torchvision
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from pycocotools.coco import COCO
 from torchvision.datasets.folder import default_loader, find_classes
 
@@ -254,6 +254,17 @@ def _coco(root: Path) -> EvalData:
     if classes != test_classes:
         raise ValueError("coco: the categories of instances_train2017.json and instances_val2017.json differ")
     return EvalData("coco", train, test, classes, True)
+
+
+def validation_split(data: EvalData, share: float = 0.2) -> EvalData:
+    """Train on the first ``1 - share`` of the training images, test on the rest: settings are chosen
+    on this split, so that the test split is read once, for the finalists."""
+    n = len(data.train)
+    cut = n - max(1, round(share * n))
+    if cut < 1:
+        raise ValueError(f"{data.name}: {n} training images are too few to carve a validation split")
+    return EvalData(f"{data.name}-val", Subset(data.train, range(cut)), Subset(data.train, range(cut, n)),
+                    data.classes, data.multilabel)
 
 
 def _synthetic(image_size: int, num_images: int, seed: int) -> EvalData:

@@ -1,0 +1,134 @@
+"""The grids of a study: named sets of variants, each a few option overrides of ``mls pretrain``.
+
+Every grid holds the MoCo-v2 baseline (the reference of the paired differences) and the main paper's
+own setting (λ 0.5, k/D ≈ 0.5 %, m 0.995, dz 256, Eq. 9 from the start). The other variants change
+the budget's MLS (at the ``demo`` budget: the demo's) in one respect each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mls.train.config import PretrainSettings
+
+PAPER_K_OVER_D = 20 / 4096  # k = 20 of D = 4,096 (§4.1)
+PAPER_D_OVER_N = 4096 / 118_287  # D = 4,096 for COCO train2017's images
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each cell pretrains (``pretrain`` options) and how it is scored."""
+
+    pretrain: dict = field(default_factory=dict)
+    probe_images: int = 1000  # labelled training images of the probe; a fifth of them is the validation split
+    probe_epochs: int = 100  # epochs of the linear layer
+    queries: int = 200  # query crops of the neighbour precision
+    k: int = 20  # neighbours per query of the neighbour precision
+
+
+BUDGETS = {
+    # a few steps, for the tests
+    "tiny": Budget(dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, arch="resnet18",
+                        small_stem=True, epochs=1, max_steps=2, workers=0, log_every=1),
+                   probe_images=40, probe_epochs=2, queries=4, k=4),
+    "demo": Budget(),  # the CPU demo: 8 epochs over 2,000 scenes, about 4 minutes a cell on 2 cores
+    "long": Budget(dict(epochs=32)),  # 4x the demo
+}
+
+
+def load_budget(budget: str) -> Budget:
+    """A named budget, or a YAML file with ``pretrain`` options and the probe's settings."""
+    if budget in BUDGETS:
+        return BUDGETS[budget]
+    path = Path(budget)
+    if not path.is_file():
+        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)} or a YAML file, got {budget!r}")
+    return Budget(**(yaml.safe_load(path.read_text()) or {}))
+
+
+def scaled_k(queue_size: int) -> int:
+    """The paper's share of positives, k/D = 20/4,096, at another queue size (at least 1)."""
+    return max(1, round(PAPER_K_OVER_D * queue_size))
+
+
+def _always(d: int) -> dict[str, dict]:
+    paper = dict(method="mls", mls_loss="bce", select_from="g", logits_from="z", extra_weight=0.5, topk=scaled_k(d),
+                 momentum=0.995, dim=256, bce_balanced=False, extra_start_epoch=0)
+    return {"mocov2": {"method": "mocov2"}, "paper": paper}
+
+
+def _table6(s: PretrainSettings) -> dict[str, dict]:
+    return {"knn": {"mls_loss": "knn"}, "bce_pos": {"mls_loss": "bce_pos"}, "bce": {"mls_loss": "bce"}}
+
+
+def _table7(s: PretrainSettings) -> dict[str, dict]:
+    return {"both_queues": {}, "qg_only": {"select_from": "g", "logits_from": "g"},
+            "qz_only": {"select_from": "z", "logits_from": "z"}}
+
+
+def _table8(s: PretrainSettings) -> dict[str, dict]:
+    return {f"k{k}": {"topk": k} for k in (1, 5, 20, 40) if k < s.model.queue_size}
+
+
+def _queue(s: PretrainSettings) -> dict[str, dict]:
+    """Fig. 5a: D at 1/4 to 16x the paper's ratio of queue to data set, below the number of images."""
+    n = s.train.num_images if s.train.data is None else None
+    if n is None:
+        from mls.data.sources import open_source
+
+        n = len(open_source(s.train.data, annotations=s.train.annotations))
+    cells = {}
+    for factor in (0.25, 1, 4, 16):
+        d = round(PAPER_D_OVER_N * n * factor)
+        if 2 <= d < n:
+            cells[f"D{d}"] = {"queue_size": d, "topk": min(scaled_k(d), d - 1)}
+    return cells
+
+
+def _lambda(s: PretrainSettings) -> dict[str, dict]:
+    return {f"lambda{w:g}": {"extra_weight": w} for w in (0.1, 0.25, 0.5, 1.0, 2.0)}
+
+
+def _balance(s: PretrainSettings) -> dict[str, dict]:
+    """Ways of weighting the extra loss against InfoNCE (the imbalance of D - k negatives to k positives)."""
+    eq9 = {"bce_balanced": False, "extra_start_epoch": 0}
+    return {
+        "eq9": eq9,
+        "balanced": {"bce_balanced": True},
+        "bias_fixed": {**eq9, "logit_bias": "fixed"},
+        "bias_learned": {**eq9, "logit_bias": "learned"},
+        "mask_positives": {"mask_positives": True},
+        "ramp": {"extra_start_epoch": 0, "extra_ramp_epochs": 4},
+        "extra_tau": {"extra_tau": 0.1},
+    }
+
+
+GRIDS = {"table6": _table6, "table7": _table7, "table8": _table8, "queue": _queue, "lambda": _lambda,
+         "balance": _balance}
+
+
+def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[str] | None = None) -> dict[str, dict]:
+    """Variant name -> overrides of ``pretrain`` for a named grid, or for a YAML file (name -> overrides).
+
+    The MoCo-v2 baseline and the paper's setting come first in every grid; ``only`` keeps the named variants.
+    """
+    settings = PretrainSettings.resolve({**budget.pretrain, "data": data})
+    if name in GRIDS:
+        variants = GRIDS[name](settings)
+    elif Path(name).is_file():
+        variants = yaml.safe_load(Path(name).read_text()) or {}
+        if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+            raise ValueError(f"{name}: a grid file maps each variant's name to its options, e.g. 'k5: {{topk: 5}}'")
+    else:
+        raise ValueError(f"--grid must be one of {', '.join(GRIDS)} or a YAML file, got {name!r}")
+    cells = {**_always(settings.model.queue_size), **variants}
+    if only:
+        unknown = sorted(set(only) - set(cells))
+        if unknown:
+            raise ValueError(f"--only names {unknown}, not variants of {name}: {', '.join(cells)}")
+        cells = {k: v for k, v in cells.items() if k in only or k == "mocov2"}
+    for variant, overrides in cells.items():  # every cell must make a valid run: refuse it now, not hours later
+        PretrainSettings.resolve({**budget.pretrain, "data": data, **overrides})
+    return cells

@@ -1,0 +1,109 @@
+"""The outputs of a study: ``results.md`` (mean ± std over pretraining seeds, paired differences to
+MoCo-v2 with the same seed) and ``results.png`` (mAP per variant with error bars, neighbour precision)."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from mls.files import atomic_write
+
+BASELINE = "mocov2"
+SCORES = {"val_map": "val mAP", "val_knn_map": "val k-NN mAP", "precision": "neighbour precision",
+          "test_map": "test mAP", "test_knn_map": "test k-NN mAP"}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def _cell(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}"
+
+
+def summarise(results: dict, variants: list[str]) -> list[dict]:
+    """Per variant: the scores of each seed, and the paired differences to MoCo-v2 of the same seed."""
+    by_variant: dict[str, dict[int, dict]] = {}
+    for cell in results["cells"].values():
+        by_variant.setdefault(cell["variant"], {})[cell["seed"]] = cell["scores"]
+    base = by_variant.get(BASELINE, {})
+    rows = []
+    for variant in variants:
+        seeds = by_variant.get(variant, {})
+        row = {"variant": variant, "seeds": sorted(seeds)}
+        for name in SCORES:
+            row[name] = [seeds[s][name] for s in sorted(seeds) if seeds[s].get(name) is not None]
+            row[f"diff_{name}"] = [seeds[s][name] - base[s][name] for s in sorted(seeds)
+                                   if seeds[s].get(name) is not None and base.get(s, {}).get(name) is not None]
+        rows.append(row)
+    return rows
+
+
+def beyond_noise(diffs: list[float]) -> str:
+    """Whether the mean paired difference exceeds two standard errors (n >= 2), and in which direction."""
+    if len(diffs) < 2:
+        return "–"
+    mean, std = _mean_std(diffs)
+    se = std / math.sqrt(len(diffs))
+    if abs(mean) > 2 * se:
+        return "yes, better" if mean > 0 else "yes, worse"
+    return "no"
+
+
+def markdown(results: dict, variants: list[str]) -> str:
+    rows = summarise(results, variants)
+    shown = [name for name in SCORES if any(row[name] for row in rows)]
+    lines = [f"`{results['command']}`", "",
+             "| variant | seeds | " + " | ".join(SCORES[n] for n in shown)
+             + " | Δ val mAP vs MoCo-v2 (paired) | beyond 2 SE |",
+             "|---|---|" + "---|" * len(shown) + "---|---|"]
+    for row in rows:
+        cells = [_cell(row[n], digits=1 if n != "precision" else 3) for n in shown]
+        diff = "–" if row["variant"] == BASELINE else _cell(row["diff_val_map"])
+        verdict = "–" if row["variant"] == BASELINE else beyond_noise(row["diff_val_map"])
+        lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {diff} | {verdict} |")
+    options = {c["variant"]: c["options"] for c in results["cells"].values()}
+    lines += ["", "Variants (options over the budget's settings):", ""]
+    lines += [f"- `{v}`: " + (", ".join(f"{k}={val}" for k, val in options.get(v, {}).items()) or "the budget's MLS")
+              for v in variants]
+    lines += ["", "mAP in %, mean ± std over pretraining seeds; Δ is each seed's difference to MoCo-v2 pretrained "
+                  "with the same seed; 'beyond 2 SE': |mean Δ| > 2 std/√n."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: dict, variants: list[str], out: Path) -> None:
+    """Validation mAP per variant with error bars (std over seeds), neighbour precision beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summarise(results, variants) if r["val_map"]]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(rows), 3.6))
+    for ax, name, label in ((axes[0], "val_map", "validation mAP (%)"), (axes[1], "precision", "neighbour precision")):
+        stats = [_mean_std(r[name]) if r[name] else (float("nan"), 0) for r in rows]
+        ax.errorbar(range(len(rows)), [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
+                    fmt="o", capsize=4, color="tab:blue")
+        base = next((m for r, (m, _) in zip(rows, stats) if r["variant"] == BASELINE), None)
+        if base is not None and not math.isnan(base):
+            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="MoCo-v2")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(results["command"], fontsize=9)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_outputs(root: Path, results: dict, variants: list[str]) -> str:
+    """Write results.md and results.png beside results.json; return the Markdown."""
+    table = markdown(results, variants)
+    atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table))
+    if any(c["scores"].get("val_map") is not None for c in results["cells"].values()):
+        figure(results, variants, root / "results.png")
+    return table

@@ -1,0 +1,137 @@
+"""Running a study: every (variant, seed) cell pretrains through ``mls pretrain`` and is scored once.
+
+A cell's result is keyed by its settings and seed: a finished cell is never run again, and an
+interrupted one goes on from its checkpoint. Seeds vary the whole pretraining (weights, data order,
+views, and the built-in scenes themselves), so the spread over seeds is the noise a difference is
+judged against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mls.checkpoint import backbone_info, load_pretrained
+from mls.data.sources import open_source
+from mls.eval.datasets import load_dataset, validation_split
+from mls.eval.metrics import classification_metrics
+from mls.eval.protocols import Task, knn, linear_probe
+from mls.files import atomic_write
+from mls.study.grids import Budget, grid_cells, load_budget
+from mls.study.report import write_outputs
+from mls.train import pretrain
+from mls.viz.neighbors import DATA_KEYS, dataset_bank, precision, search
+
+
+def cell_key(options: dict, seed: int) -> str:
+    """A short stable name for a cell's settings and seed."""
+    text = json.dumps({"options": options, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def neighbour_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
+    """Share of the top-k neighbours (one random crop of every pretraining image) that share a class with
+    their query crop, as ``benchmarks/demo_precision.py`` measures it; ``None`` without labels."""
+    model, info = load_pretrained(checkpoint)
+    stored = info.get("data") or {}
+    source = open_source(**{k: stored[k] for k in DATA_KEYS if k in stored})
+    if source.multi_hot() is None:
+        return None
+    size = stored.get("image_size") or 224
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        queries = torch.randperm(len(source))[:budget.queries].tolist()
+        bank = dataset_bank(model.backbone_q, source, size, list(range(len(source))))
+        found = search(model.backbone_q, source, bank, queries, budget.k, size)
+    return precision(found)
+
+
+def probe_scores(checkpoint: Path, probe, image_size: int, budget: Budget, seed: int, workers: int) -> dict:
+    """Linear-probe mAP and k-NN mAP of the frozen backbone on one (train, test) split."""
+    info = backbone_info(str(checkpoint))
+    task = Task(str(checkpoint), info["arch"], info["small_stem"], probe, image_size, 256, workers)
+    linear = classification_metrics(*linear_probe(task, seed, epochs=budget.probe_epochs), True)
+    votes = classification_metrics(*knn(task, seed), True)
+    return {"map": linear["mAP"], "knn_map": votes["mAP"]}
+
+
+def score(checkpoint: Path, budget: Budget, seed: int, test: bool, workers: int) -> dict:
+    """Every score of one pretrained cell: validation (and with ``test``, test) probes, neighbour precision."""
+    info = backbone_info(str(checkpoint))
+    size = info["image_size"] or 224
+    data = load_dataset("synthetic", image_size=size, num_images=budget.probe_images)
+    scores = {f"val_{k}": v for k, v in probe_scores(checkpoint, validation_split(data), size, budget, seed,
+                                                     workers).items()}
+    if test:
+        scores.update({f"test_{k}": v for k, v in probe_scores(checkpoint, data, size, budget, seed, workers).items()})
+    scores["precision"] = neighbour_precision(checkpoint, budget, seed)
+    return scores
+
+
+def _final_losses(run: Path) -> dict:
+    """The last logged loss terms of a run (its CSV logs, every resumed part joined)."""
+    from mls.viz.curves import find_metrics, read_metrics
+
+    series = read_metrics(*find_metrics(run / "csv"))
+    names = ("train/loss", "train/loss_infonce", "train/loss_extra", "train/label_precision")
+    return {name.removeprefix("train/"): series[name][-1][1] for name in names if series.get(name)}
+
+
+def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str | None = None,
+          out: str = "runs/study", only: list[str] | None = None, test: bool = False,
+          workers: int = 2) -> dict:
+    """Run a grid of pretrainings over several seeds, score each, and report mean ± std and paired differences.
+
+    Args:
+        grid: table6 (MoCo-v2, +k-NN softmax, +BCE-pos, +BCE), table7 (both queues / Q_g only / Q_z only),
+            table8 (k = 1, 5, 20, 40), queue (Fig. 5a), lambda (Fig. 5b), balance (ways of weighting the
+            extra loss), or a YAML file mapping variant names to option overrides. Every grid also runs
+            the MoCo-v2 baseline and the paper's own setting.
+        seeds: pretraining seeds per variant (0, 1, ...).
+        budget: tiny (a few steps, for tests), demo (the CPU demo's 8 epochs), long (4x the demo), or a YAML file
+            with ``pretrain`` options and the probe's settings (probe_images, probe_epochs, queries, k).
+        data: image folder to pretrain on (default: the built-in scenes).
+        out: folder of the cells' runs and of results.json, results.md and results.png.
+        only: run only these variants (and MoCo-v2).
+        test: also score the test split (do this once, for the finalists: settings are chosen on validation).
+        workers: data-loading processes of the probes.
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    plan = load_budget(budget)
+    cells = grid_cells(grid, plan, data, only)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    results_path = root / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"cells": {}}
+    command = f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
+        (" --test" if test else "")
+    results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
+
+    todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
+    started, done_here = time.monotonic(), 0
+    for number, (seed, variant) in enumerate(todo, start=1):
+        options = {**plan.pretrain, "data": data, **cells[variant]}
+        key = cell_key(options, seed)
+        previous = results["cells"].get(key)
+        if previous and (not test or "test_map" in previous["scores"]):
+            continue
+        elapsed = time.monotonic() - started
+        left = elapsed / done_here * (len(todo) - number + 1) if done_here else None
+        print(f"[{number}/{len(todo)}] {variant}, seed {seed}: elapsed {elapsed / 60:.1f} min"
+              + (f", about {left / 60:.0f} min left" if left is not None else ""), flush=True)
+        run_dir = root / "cells" / f"{variant}-{key[:8]}"
+        checkpoint = pretrain(out=str(run_dir), resume="auto", seed=seed, **options)
+        results["cells"][key] = {"variant": variant, "seed": seed, "options": cells[variant], "run": str(run_dir),
+                                 "scores": score(checkpoint, plan, seed, test, workers),
+                                 "final": _final_losses(run_dir)}
+        done_here += 1
+        atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+        write_outputs(root, results, list(cells))
+    table = write_outputs(root, results, list(cells))
+    print(table)
+    return results

@@ -1,0 +1,106 @@
+"""``mls study``: a grid of pretrainings over seeds, resumable, with paired differences to MoCo-v2."""
+import json
+import math
+import statistics
+
+import pytest
+from PIL import Image
+
+from mls.cli import main
+from mls.study import BUDGETS, grid_cells
+from mls.study.grids import PAPER_K_OVER_D, scaled_k
+from mls.study.report import beyond_noise, summarise
+
+
+@pytest.mark.slow
+def test_a_grid_runs_end_to_end_resumes_without_rerunning_and_writes_its_outputs(tmp_path, monkeypatch):
+    args = ["study", "--grid", "table6", "--seeds", "2", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0"]
+    main(args)
+    results = json.loads((tmp_path / "results.json").read_text())
+    cells = results["cells"].values()
+    assert sorted((c["variant"], c["seed"]) for c in cells) == sorted(
+        (v, s) for v in ("mocov2", "paper", "knn", "bce_pos", "bce") for s in (0, 1))
+    for cell in cells:
+        assert 0 < cell["scores"]["val_map"] <= 100 and 0 <= cell["scores"]["precision"] <= 1
+        assert "test_map" not in cell["scores"]  # the test split is read only when asked
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("`mls study --grid table6 --seeds 2 --budget tiny`")
+    assert "| paper | 2 |" in table
+    Image.open(tmp_path / "results.png").verify()
+
+    # Run again: every cell is done, so nothing pretrains.
+    import mls.study.run as run
+
+    def refuse(**kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(run, "pretrain", refuse)
+    main(args)
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == results["cells"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_cell_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
+    import mls.study.run as run
+
+    seen = []
+    real = run.pretrain
+
+    def record(**kwargs):
+        seen.append(kwargs["resume"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(run, "pretrain", record)
+    args = ["study", "--grid", "table6", "--seeds", "1", "--budget", "tiny", "--only=[paper]", "--out", str(tmp_path),
+            "--workers", "0"]
+    monkeypatch.setattr(run, "score", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # the first cell's pretraining finished, its scoring did not
+        main(args)
+    (first,) = list((tmp_path / "cells").iterdir())
+    assert (first / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(run, "pretrain", record)
+    main(args)
+    assert seen == ["auto", "auto", "auto"]  # resume=auto: the interrupted cell went on from last.ckpt
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(c["variant"] for c in results["cells"].values()) == ["mocov2", "paper"]
+
+
+def test_grids_hold_the_baseline_and_the_papers_setting_with_k_scaled_to_the_queue():
+    demo = BUDGETS["demo"]
+    cells = grid_cells("table8", demo)
+    assert list(cells)[:2] == ["mocov2", "paper"]
+    assert cells["paper"]["topk"] == round(1024 * 20 / 4096) == 5  # the demo's D = 1,024
+    assert [cells[f"k{k}"]["topk"] for k in (1, 5, 20, 40)] == [1, 5, 20, 40]
+    assert (cells["paper"]["extra_weight"], cells["paper"]["momentum"], cells["paper"]["dim"]) == (0.5, 0.995, 256)
+    queue = grid_cells("queue", demo)
+    ratio = 4096 / 118_287  # D over the number of COCO train2017 images
+    assert [c["queue_size"] for k, c in queue.items() if k.startswith("D")] == \
+        [round(ratio * 2000 * f) for f in (0.25, 1, 4, 16)]
+    assert all(c["topk"] == max(1, round(PAPER_K_OVER_D * c["queue_size"])) for k, c in queue.items()
+               if k.startswith("D"))
+    assert scaled_k(4096) == 20
+
+
+def test_a_user_grid_and_a_bad_one(tmp_path):
+    (tmp_path / "grid.yaml").write_text("lam1: {extra_weight: 1.0}\nbias: {logit_bias: learned, bce_balanced: false}\n")
+    assert list(grid_cells(str(tmp_path / "grid.yaml"), BUDGETS["tiny"])) == ["mocov2", "paper", "lam1", "bias"]
+    (tmp_path / "bad.yaml").write_text("k99: {topk: 99}\n")  # k not below the tiny budget's D = 24
+    with pytest.raises(ValueError, match="topk"):
+        grid_cells(str(tmp_path / "bad.yaml"), BUDGETS["tiny"])
+    with pytest.raises(ValueError, match="--grid"):
+        grid_cells("table99", BUDGETS["tiny"])
+
+
+def test_paired_differences_and_the_two_standard_error_rule():
+    def cell(variant, seed, value):
+        return {"variant": variant, "seed": seed, "options": {}, "scores": {"val_map": value}}
+
+    base, better = [70.0, 72.0, 71.0], [71.0, 73.5, 71.9]
+    cells = {f"{v}{s}": cell(v, s, x) for v, xs in (("mocov2", base), ("mls", better)) for s, x in enumerate(xs)}
+    (_, row) = summarise({"cells": cells}, ["mocov2", "mls"])
+    diffs = [b - a for a, b in zip(base, better)]
+    assert row["diff_val_map"] == pytest.approx(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(3)
+    assert statistics.fmean(diffs) > 2 * se and beyond_noise(diffs) == "yes, better"
+    assert beyond_noise([1.0, -0.5, 0.2]) == "no" and beyond_noise([0.3]) == "–"
