@@ -10,6 +10,7 @@ import scipy.io as sio
 import torch
 from PIL import Image
 
+from conftest import voc_xml
 from mls.data.synthetic import CLASSES
 from mls.eval.datasets import VOC_CLASSES, load_dataset
 from mls.eval.metrics import IGNORE
@@ -41,11 +42,6 @@ def grays(dataset) -> list[int]:
 
 
 # ---------------------------------------------------------------- VOC2007
-
-def voc_xml(objects: list[tuple[str, int]]) -> str:
-    body = "".join(f"<object><name>{n}</name><difficult>{d}</difficult></object>" for n, d in objects)
-    return f"<annotation><size><width>12</width><height>12</height></size>{body}</annotation>"
-
 
 def fake_voc(root: Path, images: dict[str, tuple[str, list]], per_class: list[str] | None = None) -> None:
     voc = root / "VOCdevkit/VOC2007"

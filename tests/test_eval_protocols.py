@@ -1,21 +1,17 @@
 """End to end on the synthetic multi-label task: each protocol runs twice and writes its JSON and Markdown."""
 from __future__ import annotations
 
-import json
 import math
 import statistics
 
 import pytest
 
+from conftest import read_report
 from mls.cli import main
 from mls.data.synthetic import CLASSES
 from mls.eval.commands import finetune, knn, linear
 
 TINY = {"arch": "resnet18", "small_stem": True, "image_size": 32, "synthetic_images": 32, "workers": 0}
-
-
-def read_results(out) -> tuple[dict, str]:
-    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
 
 def check_report(result: dict, table: str, protocol: str, runs: int = 2) -> list[float]:
@@ -39,7 +35,7 @@ def test_linear_probe_through_the_cli(tmp_path, capsys):
     out = tmp_path / "linear"
     main(["eval", "linear", "--arch", "resnet18", "--small-stem", "true", "--image-size", "32",
           "--synthetic-images", "32", "--workers", "0", "--epochs", "3", "--runs", "2", "--out", str(out)])
-    result, table = read_results(out)
+    result, table = read_report(out)
     values = check_report(result, table, "linear")
     assert values[0] != values[1]  # seeds 0 and 1 train different linear layers
     assert result["settings"] == {"epochs": 3, "lr": 0.1, "weight_decay": 0.0}
@@ -49,7 +45,7 @@ def test_linear_probe_through_the_cli(tmp_path, capsys):
 
 def test_knn_is_deterministic_across_runs(tmp_path):
     knn(k=5, out=str(tmp_path), **TINY)
-    result, table = read_results(tmp_path)
+    result, table = read_report(tmp_path)
     values = check_report(result, table, "knn")
     assert values[0] == values[1] and result["metrics"][0]["std"] == 0.0
     assert result["settings"] == {"k": 5, "temperature": 0.07}
@@ -58,7 +54,7 @@ def test_knn_is_deterministic_across_runs(tmp_path):
 @pytest.mark.slow
 def test_finetune_takes_unset_options_from_the_recipe(tmp_path):
     finetune(epochs=1, batch_size=16, out=str(tmp_path), **TINY)
-    result, table = read_results(tmp_path)
+    result, table = read_report(tmp_path)
     check_report(result, table, "finetune")
     assert result["settings"] == {"epochs": 1, "lr": 0.05, "weight_decay": 1e-4, "precision": "32-true"}
     assert result["batch_size"] == 16
@@ -86,7 +82,7 @@ def pretrained(tmp_path_factory):
                                            ("finetune", lambda **kw: finetune(epochs=1, batch_size=16, **kw))])
 def test_each_protocol_evaluates_a_pretraining_checkpoint(pretrained, tmp_path, protocol, run):
     run(weights=str(pretrained), synthetic_images=32, workers=0, out=str(tmp_path))
-    result, table = read_results(tmp_path)
+    result, table = read_report(tmp_path)
     check_report(result, table, protocol)
     # architecture, stem and resolution come from the checkpoint, not from options
     assert (result["arch"], result["small_stem"], result["image_size"]) == ("resnet18", True, 32)
