@@ -52,14 +52,14 @@ def bce(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None,
     negatives do).
     """
     mask = _valid_mask(logits, valid).float()
-    y = labels.float() * mask
-    log_pos, log_neg = _binary_terms(logits, tau, bias)
-    pos_term, neg_term = y * log_pos, (mask - y) * log_neg
+    x, y = logits.float() / tau + bias, labels.float()
     if balanced:
-        n_pos = y.sum(dim=1).clamp(min=1)
-        n_neg = (mask - y).sum(dim=1).clamp(min=1)
-        return -(pos_term.sum(1) / n_pos + neg_term.sum(1) / n_neg).mean()
-    return -((pos_term + neg_term).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+        per_entry = F.binary_cross_entropy_with_logits(x, y, reduction="none")  # one fused pass over N x D
+        pos, neg = y * mask, mask - y * mask
+        pos_mean = (per_entry * pos).sum(1) / pos.sum(1).clamp(min=1)
+        return (pos_mean + (per_entry * neg).sum(1) / neg.sum(1).clamp(min=1)).mean()
+    per_entry = F.binary_cross_entropy_with_logits(x, y, weight=mask.expand_as(x), reduction="none")
+    return (per_entry.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
 def bce_pos(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None,
