@@ -115,3 +115,13 @@ def test_summary_and_table_hand_worked():
     assert rows[1]["std"] == 0.0 and summarise([{"top1": 50.0}])[0]["std"] == 0.0
     table = markdown_table([{"dataset": "voc07", "protocol": "linear", "runs": 2, "weights": "a.ckpt", "metrics": rows}])
     assert "| voc07 | linear | mAP (headline) | 72.00 | 2.83 | 2 | a.ckpt |" in table.splitlines()
+
+
+def test_area_ap_keeps_the_order_of_large_scores_such_as_knn_votes():
+    """Votes of exp(cos / 0.07) reach 1e6: a sigmoid would tie them all at 1.0; sklearn ranks them."""
+    g = torch.Generator().manual_seed(3)
+    targets = (torch.rand(60, 3, generator=g) < 0.4).long()
+    scores = torch.exp(torch.rand(60, 3, generator=g) * 14) * (1 + targets)  # large, informative, a few ties
+    scores[:5] = 0.0
+    expected = [average_precision_score(targets[:, c].numpy(), scores[:, c].double().numpy()) for c in range(3)]
+    assert average_precision(scores, targets).tolist() == pytest.approx(expected, abs=1e-6)

@@ -38,6 +38,14 @@ def test_a_grid_runs_end_to_end_resumes_without_rerunning_and_writes_its_outputs
     main(args)
     assert json.loads((tmp_path / "results.json").read_text())["cells"] == results["cells"]
 
+    # --rescore scores every finished cell again from its checkpoint, still without pretraining.
+    scored = []
+    monkeypatch.setattr(run, "score", lambda ckpt, *a, **k: scored.append(ckpt) or {"val_map": 50.0, "precision": 0.5})
+    main([*args, "--rescore", "true"])
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"].values()
+    assert len(scored) == 10 and all(p.name == "last.ckpt" and p.is_file() for p in scored)
+    assert all(c["scores"] == {"val_map": 50.0, "precision": 0.5} for c in cells)
+
 
 @pytest.mark.slow
 def test_an_interrupted_cell_goes_on_from_its_checkpoint(tmp_path, monkeypatch):

@@ -23,16 +23,31 @@ def top1_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return (scores.argmax(dim=1) == targets).float().mean().item()
 
 
+def ranks_in_unit_interval(scores: torch.Tensor) -> torch.Tensor:
+    """Each column's scores replaced by their dense ranks scaled into [0, 1]: the same order and ties.
+
+    torchmetrics passes scores outside [0, 1] through a sigmoid, which in float32 turns every logit
+    above ~17 (and every k-NN vote above ~17) into 1.0, tying what was ordered. AP depends on the
+    order alone, so ranks keep it exact.
+    """
+    out = torch.empty_like(scores, dtype=torch.float64)
+    for c in range(scores.shape[1]):
+        values, rank = torch.unique(scores[:, c], return_inverse=True)
+        out[:, c] = rank.double() / max(len(values) - 1, 1)
+    return out
+
+
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-class area under the precision-recall curve; NaN for classes without positives."""
     _check_scores(scores, targets, expect_dims=2)
     targets = targets.long()
+    scores = ranks_in_unit_interval(scores)
     ap = torch.full((scores.shape[1],), float("nan"))
     has_pos = (targets == 1).any(dim=0)
     if has_pos.any():
         keep = has_pos.nonzero().flatten()
         ap[keep] = multilabel_average_precision(
-            scores[:, keep].float(), targets[:, keep], num_labels=len(keep), average=None, ignore_index=IGNORE
+            scores[:, keep], targets[:, keep], num_labels=len(keep), average=None, ignore_index=IGNORE
         ).float()
     return ap
 

@@ -82,7 +82,7 @@ def _final_losses(run: Path) -> dict:
 
 
 def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str | None = None,
-          out: str = "runs/study", only: list[str] | None = None, test: bool = False,
+          out: str = "runs/study", only: list[str] | None = None, test: bool = False, rescore: bool = False,
           workers: int = 2) -> dict:
     """Run a grid of pretrainings over several seeds, score each, and report mean ± std and paired differences.
 
@@ -98,6 +98,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         out: folder of the cells' runs and of results.json, results.md and results.png.
         only: run only these variants (and MoCo-v2).
         test: also score the test split (do this once, for the finalists: settings are chosen on validation).
+        rescore: score finished cells again from their checkpoints (after a change to the scoring), without
+            pretraining them again.
         workers: data-loading processes of the probes.
     """
     if seeds < 1:
@@ -109,7 +111,7 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     results_path = root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"cells": {}}
     command = f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
-        (" --test" if test else "")
+        (f" --only '[{','.join(only)}]'" if only else "") + (" --test" if test else "")
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
 
     todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
@@ -118,6 +120,12 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         options = {**plan.pretrain, "data": data, **cells[variant]}
         key = cell_key(options, seed)
         previous = results["cells"].get(key)
+        if previous and rescore:
+            checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
+            print(f"[{number}/{len(todo)}] {variant}, seed {seed}: scoring {checkpoint} again", flush=True)
+            previous["scores"] = score(checkpoint, plan, seed, test or "test_map" in previous["scores"], workers)
+            atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+            continue
         if previous and (not test or "test_map" in previous["scores"]):
             continue
         elapsed = time.monotonic() - started
