@@ -227,3 +227,26 @@ def test_the_trainer_passes_the_scheduled_weight_to_the_model():
     steps = {0: 0.0, 10: 0.0, 20: 0.25, 25: 0.375, 30: 0.5, 100: 0.5}
     for step, weight in steps.items():
         assert float(module.extra_weight(step)) == pytest.approx(weight), step
+
+
+def test_a_training_step_never_waits_for_the_device(monkeypatch):
+    """No .item(), float(), bool(), .tolist() or .cpu() in the step: each would stall a GPU once per step."""
+    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, logit_bias="learned",
+                                       mask_positives=True),
+                            train={"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 1,
+                                   "extra_after_full_queue": True}, steps_per_epoch=4)
+    module.labels = torch.eye(8)[torch.arange(64) % 8].bool()
+    monkeypatch.setattr(module, "log_dict", lambda *a, **k: None)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    monkeypatch.setattr(module, "optimizers", lambda: torch.optim.SGD(module.parameters(), lr=0.1))
+    module._trainer = type("Trainer", (), {"world_size": 1, "global_step": 0})()
+    x1, x2 = views(8)
+    batch = {"view1": x1, "view2": x2, "index": torch.arange(8), "box2": torch.rand(8, 4), "failed": torch.zeros(8)}
+    calls = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: calls.append(_n) or _o(self, *a, **k))
+    for _ in range(3):  # an empty, a partly filled and a full queue
+        module.training_step(batch, 0)
+    monkeypatch.undo()
+    assert calls == []
