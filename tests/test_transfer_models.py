@@ -154,3 +154,31 @@ def test_segmentation_evaluation_matches_a_pixel_count_over_the_test_set():
     assert scores["mIoU"] == pytest.approx(100 * float(sum(ious)) / 4)
     assert scores["mAcc"] == pytest.approx(100 * float(sum(accs)) / len(present))
     assert scores["aAcc"] == pytest.approx(100 * float((pred == target).float().mean()))
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["faster_rcnn_c4", "mask_rcnn_c4"])
+def test_c4_detector_splits_the_resnet_at_layer3_and_runs_layer4_as_the_box_head(masks):
+    backbone, _ = build_backbone("resnet18")
+    expected = {k: v.clone() for k, v in backbone.layer4.state_dict().items()}
+    detector = build_detector(backbone, num_classes=5, masks=masks, train_sizes=(64,), max_size=64, channels=16,
+                              rois_per_image=8, head="c4")
+    detector.rpn._post_nms_top_n = {"training": 16, "testing": 8}  # few RoIs through layer4: a quick test
+    body = detector.backbone.body
+    assert hasattr(body, "layer3") and not hasattr(body, "layer4")  # backbone: stem + res2..res4
+    layer4 = detector.roi_heads.box_head.layer4
+    assert layer4 is backbone.layer4 and all(torch.equal(layer4.state_dict()[k], v) for k, v in expected.items())
+    x = torch.rand(2, 3, 64, 64)
+    assert [tuple(f.shape[-2:]) for f in body(x).values()] == [(4, 4)]  # one map at stride 16
+    assert detector.roi_heads.box_roi_pool.output_size == (14, 14)
+    assert detector.roi_heads.has_mask() == masks
+    detector.train()
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 44.0]]), "labels": torch.tensor([3]),
+                "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}] * 2
+    losses = detector(list(x), targets)
+    assert ("loss_mask" in losses) == masks and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert layer4[0].conv1.weight.grad is not None and backbone.conv1.weight.grad is not None
+    detector.eval()
+    with torch.no_grad():
+        out = detector(list(x))
+    assert len(out) == 2 and ("masks" in out[0]) == masks
