@@ -11,7 +11,7 @@ from mls.backbones import build_backbone
 from mls.data.synthetic import write_coco
 from mls.transfer.detection import build_detector, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
-from mls.transfer.segmentation import build_fcn, dilated, slide_logits
+from mls.transfer.segmentation import build_fcn, build_segmenter, dilated, slide_logits
 from mls.transfer.training import TransferModule, parameter_groups, per_device_batch, poly, warmup_multistep
 
 
@@ -49,6 +49,29 @@ def test_fcn_dilates_resnet50_to_output_stride_8_with_the_same_weights():
     assert out["out"].shape == out["aux"].shape == (1, 7, 64, 64)
     with pytest.raises(ValueError, match="only resnet50, resnet101 can be dilated"):
         dilated(build_backbone("resnet18")[0], "resnet18")
+
+
+def test_pspnet_pools_the_stride_8_map_of_dilated_resnet50_into_bins_1_2_3_6():
+    torch.manual_seed(0)
+    model = build_segmenter(build_backbone("resnet50")[0], "resnet50", num_classes=5, head="pspnet").eval()
+    seen = {}
+    model.backbone.register_forward_hook(lambda m, i, out: seen.update(features=out["out"]))
+    pools = [m for m in model.classifier.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    for k, pool in enumerate(pools):
+        pool.register_forward_hook(lambda m, i, out, k=k: seen.update({k: out}))
+    x = torch.rand(1, 3, 72, 56)
+    with torch.no_grad():
+        out = model(x)
+    assert out["out"].shape == out["aux"].shape == (1, 5, 72, 56)
+    features = seen["features"]
+    assert features.shape == (1, 2048, 9, 7)  # 72 / 8, 56 / 8: output stride 8
+    for k, b in enumerate((1, 2, 3, 6)):  # each bin: the mean of its cells, as adaptive pooling defines them
+        rows = [(i * 9 // b, -(-(i + 1) * 9 // b)) for i in range(b)]
+        cols = [(j * 7 // b, -(-(j + 1) * 7 // b)) for j in range(b)]
+        expected = torch.stack([torch.stack([features[0, :, r0:r1, c0:c1].mean((1, 2)) for c0, c1 in cols], -1)
+                                for r0, r1 in rows], -2)
+        assert torch.allclose(seen[k][0], expected, atol=1e-5)
+    assert len(pools) == 4
 
 
 class _Pointwise(nn.Module):
