@@ -60,3 +60,23 @@ def test_the_defaults_of_the_method_are_the_papers():
     config = MLSConfig()
     assert {k: getattr(config, k) for k in ("queue_size", "extra_weight", "momentum", "dim", "tau", "topk")} == \
         {"queue_size": 4096, "extra_weight": 0.5, "momentum": 0.995, "dim": 256, "tau": 0.2, "topk": 20}
+
+
+@pytest.mark.parametrize("name, command, head, iters, data", [
+    ("transfer_coco_maskrcnn_r50_c4_1x.yaml", "detect", "c4", 90_000, ("format", "coco")),
+    ("transfer_voc0712_faster_r50_c4_24k.yaml", "detect", "c4", 24_000, ("format", "voc")),
+    ("transfer_cityscapes_pspnet_r50_40k.yaml", "segment", "pspnet", 40_000, ("dataset", "cityscapes")),
+])
+def test_transfer_configs_hold_the_papers_schedules(name, command, head, iters, data):
+    from mls.transfer import commands
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(getattr(commands, command))
+    cfg = parser.parse_path(str(CONFIGS / name))
+    assert (cfg.head, cfg.max_iters, getattr(cfg, data[0]), cfg.arch) == (head, iters, data[1], "resnet50")
+    if command == "detect":  # detectron2 1x (COCO) and MoCo's VOC protocol: batch 16, lr 0.02
+        assert (cfg.batch_size, cfg.lr, cfg.image_size) == (16, 0.02, 800)
+        assert cfg.steps == ([60_000, 80_000] if cfg.format == "coco" else [18_000, 22_000])
+        assert cfg.train_sizes == list(range(640 if cfg.format == "coco" else 480, 801, 32))
+    else:  # mmseg pspnet_r50-d8_4xb2-40k_cityscapes-769x769
+        assert (cfg.batch_size, cfg.lr, cfg.crop_size, cfg.inference, cfg.stride) == (8, 0.01, 769, "slide", 513)

@@ -87,3 +87,11 @@ def test_each_protocol_evaluates_a_pretraining_checkpoint(pretrained, tmp_path, 
     # architecture, stem and resolution come from the checkpoint, not from options
     assert (result["arch"], result["small_stem"], result["image_size"]) == ("resnet18", True, 32)
     assert result["weights"] == str(pretrained) and str(pretrained) in table
+
+
+def test_the_seven_small_single_label_sets_fine_tune_for_the_papers_120_epochs():
+    from mls.eval.finetune import recipe_for
+
+    small = ("cub200", "flowers102", "cars", "aircraft", "pets", "dtd", "indoor67")  # main paper §4
+    assert [recipe_for(name).epochs for name in small] == [120] * 7
+    assert recipe_for("voc07").epochs == 100 and recipe_for("cub200", epochs=3).epochs == 3

@@ -2,19 +2,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import voc_xml
 from PIL import Image
 
 from mls.data.synthetic import CLASSES, SyntheticScenes, write_coco, write_voc
 from mls.transfer.detection_data import CocoInstances, load_detection_splits
 from mls.transfer.segmentation_data import SegmentationPairs, cityscapes_train_ids, segmentation_splits, \
     train_transform
-
-
-def _voc_xml(objects):
-    rows = "".join(
-        f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
-        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for name, difficult, (x0, y0, x1, y1) in objects)
-    return f"<annotation><size><width>50</width><height>40</height><depth>3</depth></size>{rows}</annotation>"
 
 
 def _devkit(root, year, sets, objects):
@@ -26,7 +20,7 @@ def _devkit(root, year, sets, objects):
         (voc / "ImageSets/Main" / f"{image_set}.txt").write_text("".join(f"{n}\n" for n in names))
         for name in names:
             Image.new("RGB", (50, 40)).save(voc / "JPEGImages" / f"{name}.jpg")
-            (voc / "Annotations" / f"{name}.xml").write_text(_voc_xml(objects[name]))
+            (voc / "Annotations" / f"{name}.xml").write_text(voc_xml(objects[name], size=(50, 40)))
 
 
 def test_voc_becomes_coco_with_0_based_boxes_sorted_classes_and_difficult_ignored_in_test_only(tmp_path):

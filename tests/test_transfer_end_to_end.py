@@ -85,3 +85,49 @@ def test_detection_starts_from_a_pretraining_checkpoint(tmp_path):
     options = {**TINY_DETECTOR, "arch": None, "small_stem": None, "max_iters": 1}
     result = detect(weights=str(ckpt), data=str(tmp_path / "coco"), out=str(tmp_path / "out"), **options)
     assert (result["arch"], result["small_stem"], result["weights"]) == ("resnet18", False, str(ckpt))
+
+
+def test_coco_with_masks_through_the_cli_trains_mask_rcnn_c4(tmp_path):
+    write_coco(tmp_path / "coco", num_images=4, image_size=64, seed=0)
+    out = tmp_path / "out"
+    main(["transfer", "detect", "--config", str(CONFIGS / "transfer_coco_cpu_smoke.yaml"), "--head", "c4",
+          "--data", str(tmp_path / "coco"), "--out", str(out), "--max-iters", "1", "--steps", "[1]",
+          "--warmup-iters", "1", "--fpn-channels", "16", "--rois-per-image", "8"])
+    result = _read_report(out)
+    assert result["protocol"] == "mask_rcnn_resnet18_c4" and result["settings"]["head"] == "c4"
+    assert [m["metric"] for m in result["metrics"]] == [
+        "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75"]
+    assert "train/loss_mask" in (out / "run0" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_voc_segmentation_through_the_cli_trains_a_pspnet(tmp_path):
+    write_voc(tmp_path / "voc", num_images=8, image_size=32, seed=0)
+    out = tmp_path / "out"
+    main(["transfer", "segment", "--config", str(CONFIGS / "transfer_vocseg_cpu_smoke.yaml"), "--head", "pspnet",
+          "--data", str(tmp_path / "voc"), "--out", str(out), "--runs", "1", "--max-iters", "2",
+          "--scale", "[32, 32]", "--crop-size", "32", "--inference", "whole"])
+    result = _read_report(out)
+    assert result["protocol"] == "pspnet_resnet18" and result["settings"]["head"] == "pspnet"
+    assert [m["metric"] for m in result["metrics"]] == ["mIoU", "mAcc", "aAcc"]
+
+
+def test_run_options_are_declared_once_and_unknown_heads_are_refused(tmp_path):
+    import dataclasses
+    import inspect
+    import os
+
+    from mls.transfer.training import RunOptions
+
+    shared = [f.name for f in dataclasses.fields(RunOptions)]
+    for command in (detect, segment):
+        params = inspect.signature(command).parameters
+        assert [name for name in params if name in shared] == shared
+        assert all(params[f.name].default == f.default for f in dataclasses.fields(RunOptions))
+        assert all(f"{name}: " in command.__doc__ for name in shared)
+    assert RunOptions().loader_workers == min(4, os.cpu_count())
+    with pytest.raises(ValueError, match="--head must be one of fpn, c4, got 'r50-c4'"):
+        detect(data=str(tmp_path), head="r50-c4")
+    with pytest.raises(ValueError, match="--head must be one of fcn, pspnet"):
+        segment(data=str(tmp_path), head="psanet")
+    with pytest.raises(ValueError, match="workers: must be >= 0"):
+        segment(data=str(tmp_path), workers=-1)

@@ -11,7 +11,7 @@ from mls.backbones import build_backbone
 from mls.data.synthetic import write_coco
 from mls.transfer.detection import build_detector, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
-from mls.transfer.segmentation import build_fcn, dilated, slide_logits
+from mls.transfer.segmentation import build_fcn, build_segmenter, dilated, slide_logits
 from mls.transfer.training import TransferModule, parameter_groups, per_device_batch, poly, warmup_multistep
 
 
@@ -49,6 +49,29 @@ def test_fcn_dilates_resnet50_to_output_stride_8_with_the_same_weights():
     assert out["out"].shape == out["aux"].shape == (1, 7, 64, 64)
     with pytest.raises(ValueError, match="only resnet50, resnet101 can be dilated"):
         dilated(build_backbone("resnet18")[0], "resnet18")
+
+
+def test_pspnet_pools_the_stride_8_map_of_dilated_resnet50_into_bins_1_2_3_6():
+    torch.manual_seed(0)
+    model = build_segmenter(build_backbone("resnet50")[0], "resnet50", num_classes=5, head="pspnet").eval()
+    seen = {}
+    model.backbone.register_forward_hook(lambda m, i, out: seen.update(features=out["out"]))
+    pools = [m for m in model.classifier.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    for k, pool in enumerate(pools):
+        pool.register_forward_hook(lambda m, i, out, k=k: seen.update({k: out}))
+    x = torch.rand(1, 3, 72, 56)
+    with torch.no_grad():
+        out = model(x)
+    assert out["out"].shape == out["aux"].shape == (1, 5, 72, 56)
+    features = seen["features"]
+    assert features.shape == (1, 2048, 9, 7)  # 72 / 8, 56 / 8: output stride 8
+    for k, b in enumerate((1, 2, 3, 6)):  # each bin: the mean of its cells, as adaptive pooling defines them
+        rows = [(i * 9 // b, -(-(i + 1) * 9 // b)) for i in range(b)]
+        cols = [(j * 7 // b, -(-(j + 1) * 7 // b)) for j in range(b)]
+        expected = torch.stack([torch.stack([features[0, :, r0:r1, c0:c1].mean((1, 2)) for c0, c1 in cols], -1)
+                                for r0, r1 in rows], -2)
+        assert torch.allclose(seen[k][0], expected, atol=1e-5)
+    assert len(pools) == 4
 
 
 class _Pointwise(nn.Module):
@@ -154,3 +177,31 @@ def test_segmentation_evaluation_matches_a_pixel_count_over_the_test_set():
     assert scores["mIoU"] == pytest.approx(100 * float(sum(ious)) / 4)
     assert scores["mAcc"] == pytest.approx(100 * float(sum(accs)) / len(present))
     assert scores["aAcc"] == pytest.approx(100 * float((pred == target).float().mean()))
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["faster_rcnn_c4", "mask_rcnn_c4"])
+def test_c4_detector_splits_the_resnet_at_layer3_and_runs_layer4_as_the_box_head(masks):
+    backbone, _ = build_backbone("resnet18")
+    expected = {k: v.clone() for k, v in backbone.layer4.state_dict().items()}
+    detector = build_detector(backbone, num_classes=5, masks=masks, train_sizes=(64,), max_size=64, channels=16,
+                              rois_per_image=8, head="c4")
+    detector.rpn._post_nms_top_n = {"training": 16, "testing": 8}  # few RoIs through layer4: a quick test
+    body = detector.backbone.body
+    assert hasattr(body, "layer3") and not hasattr(body, "layer4")  # backbone: stem + res2..res4
+    layer4 = detector.roi_heads.box_head.layer4
+    assert layer4 is backbone.layer4 and all(torch.equal(layer4.state_dict()[k], v) for k, v in expected.items())
+    x = torch.rand(2, 3, 64, 64)
+    assert [tuple(f.shape[-2:]) for f in body(x).values()] == [(4, 4)]  # one map at stride 16
+    assert detector.roi_heads.box_roi_pool.output_size == (14, 14)
+    assert detector.roi_heads.has_mask() == masks
+    detector.train()
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 44.0]]), "labels": torch.tensor([3]),
+                "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}] * 2
+    losses = detector(list(x), targets)
+    assert ("loss_mask" in losses) == masks and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert layer4[0].conv1.weight.grad is not None and backbone.conv1.weight.grad is not None
+    detector.eval()
+    with torch.no_grad():
+        out = detector(list(x))
+    assert len(out) == 2 and ("masks" in out[0]) == masks

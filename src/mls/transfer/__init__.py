@@ -1,2 +1,2 @@
-"""Dense transfer protocols: detection and instance segmentation (Mask / Faster R-CNN R-FPN, COCOeval) and
-semantic segmentation (FCN, mIoU / mAcc / aAcc), each fine-tuning a pretrained backbone end to end."""
+"""Dense transfer protocols: detection and instance segmentation (Mask / Faster R-CNN, R-FPN or R-C4, COCOeval)
+and semantic segmentation (FCN or PSPNet, mIoU / mAcc / aAcc), each fine-tuning a pretrained backbone end to end."""

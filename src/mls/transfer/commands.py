@@ -1,7 +1,8 @@
 """``mls transfer {detect,segment}``: fine-tune a pretrained backbone on dense tasks, repeat, and report.
 
 Each protocol's paper schedule is the default (``DETECTION``, ``SEGMENTATION``); every option overrides
-it, and ``--config configs/transfer_*.yaml`` sets several at once. Under ``torchrun`` every process
+it, and ``--config configs/transfer_*.yaml`` sets several at once. The options both commands share
+(weights, hardware, output, seed) are declared once, in ``RunOptions``. Under ``torchrun`` every process
 trains (DDP, SyncBatchNorm); the first one evaluates and writes the report.
 """
 from __future__ import annotations
@@ -14,14 +15,16 @@ from typing import Callable, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from mls.checkpoint import load_backbone
+from mls.checkpoint import backbone_info, load_backbone
 from mls.eval.report import summarise, write_report
-from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
+from mls.transfer.detection import HEADS as DETECTION_HEADS, build_detector, detection_losses, \
+    evaluate_detection
 from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
-from mls.transfer.segmentation import DILATABLE, build_fcn, evaluate_segmentation, segmentation_losses
+from mls.transfer.segmentation import DILATABLE, HEADS as SEGMENTATION_HEADS, build_segmenter, \
+    evaluate_segmentation, segmentation_losses
 from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, train_transform
-from mls.transfer.training import TransferModule, check_positive, make_trainer, per_device_batch, poly, \
-    warmup_multistep
+from mls.transfer.training import RunOptions, TransferModule, check_positive, per_device_batch, poly, \
+    warmup_multistep, with_run_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,25 +111,30 @@ def _repeat(run_once: Callable[[Path], dict | None], runs: int, seed: int, out: 
     return result
 
 
-def detect(weights: str = "random", data: str | None = None, format: Literal["coco", "voc"] = "coco",
+def _check_head(head: str, heads: tuple[str, ...]) -> None:
+    if head not in heads:
+        raise ValueError(f"--head must be one of {', '.join(heads)}, got {head!r}")
+
+
+@with_run_options
+def detect(data: str | None = None, format: Literal["coco", "voc"] = "coco", head: Literal["fpn", "c4"] = "fpn",
            runs: int | None = None, max_iters: int | None = None, steps: list[int] | None = None,
            warmup_iters: int | None = None, batch_size: int | None = None, lr: float | None = None,
            weight_decay: float | None = None, image_size: int | None = None, train_sizes: list[int] | None = None,
            max_size: int | None = None, fpn_channels: int = 256, rois_per_image: int = 512,
-           arch: str | None = None, small_stem: bool | None = None, workers: int = 4, accelerator: str = "auto",
-           devices: int = 1, num_nodes: int = 1, strategy: str = "auto", precision: str = "32-true",
-           out: str | None = None, seed: int = 0) -> dict | None:
+           **run_options) -> dict | None:
     """Object detection (and instance segmentation when the annotations have masks), evaluated by COCOeval.
 
-    Mask R-CNN R-FPN when the training annotations carry masks (COCO: bbox and segm AP), else Faster
-    R-CNN R-FPN (VOC: VOC07+12 trainval -> VOC07 test, converted to COCO format, difficult objects
-    ignored). Every layer is fine-tuned, BatchNorm trained (SyncBatchNorm on several GPUs).
+    Mask R-CNN when the training annotations carry masks (COCO: bbox and segm AP), else Faster R-CNN
+    (VOC: VOC07+12 trainval -> VOC07 test, converted to COCO format, difficult objects ignored); R-FPN or
+    R-C4 (``--head``). Every layer is fine-tuned, BatchNorm trained (SyncBatchNorm on several GPUs).
 
     Args:
-        weights: pretraining checkpoint (.ckpt), exported torchvision backbone (.pth/.pt), or "random".
         data: COCO root (annotations/instances_{train,val}2017.json, train2017/, val2017/) or a folder
             holding VOCdevkit/.
         format: coco or voc.
+        head: fpn (R-FPN, the default) or c4 (R-C4: RPN and RoIAlign on res4, layer4 as the box head, as
+            detectron2's R50-C4 and MoCo's VOC protocol).
         runs: fine-tuning runs averaged in the report (default: 1 for coco, 5 for voc, as in the paper).
         max_iters: training iterations (default: 90000 coco, 24000 voc).
         steps: iterations where the learning rate drops x0.1 (default: 60000 80000 coco, 18000 22000 voc).
@@ -137,74 +145,68 @@ def detect(weights: str = "random", data: str | None = None, format: Literal["co
         image_size: shorter image side at test time (default: 800).
         train_sizes: shorter sides drawn at random in training (default: 640..800 coco, 480..800 voc, step 32).
         max_size: longest image side (default: 1333).
-        fpn_channels: width of the FPN and of the heads' convolutions (detectron2: 256; less for CPU smoke runs).
+        fpn_channels: width of the FPN and of the heads' convolutions, with c4 the mask head's (detectron2: 256;
+            less for CPU smoke runs).
         rois_per_image: proposals sampled per image to train the box head (detectron2: 512).
-        arch: backbone (resnet18/34/50/101; default: from the checkpoint, else resnet50).
-        small_stem: 3x3 stem for small images (default: from the checkpoint, else false).
-        workers: data-loading processes per GPU.
-        accelerator: Lightning accelerator (auto, cpu, gpu).
-        devices: GPUs per node (use torchrun --nproc-per-node with the same number).
-        num_nodes: machines.
-        strategy: Lightning strategy (auto: ddp on several GPUs).
-        precision: Lightning precision (32-true, 16-mixed, bf16-mixed).
-        out: folder for results.json, results.md and run logs (default: runs/transfer/detect-FORMAT).
-        seed: seed of the first run.
     """
+    run = RunOptions(**run_options)
+    _check_head(head, DETECTION_HEADS)
     protocol = _protocol(DETECTION, format, "--format", runs=runs, max_iters=max_iters, steps=steps,
                          warmup_iters=warmup_iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          image_size=image_size, train_sizes=train_sizes, max_size=max_size)
     check_positive(lr=protocol.lr, image_size=protocol.image_size, max_size=protocol.max_size,
                    fpn_channels=fpn_channels, rois_per_image=rois_per_image,
                    **{f"train_sizes[{i}]": s for i, s in enumerate(protocol.train_sizes)})
-    per_device = per_device_batch(protocol.batch_size, devices, num_nodes)
+    per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
     splits = load_detection_splits(_required(data, "--data"), format)
     categories = splits.category_ids
     train_set = CocoInstances(splits.train, splits.train_images, True, splits.has_masks, categories)
     test_set = CocoInstances(splits.test, splits.test_images, False, splits.has_masks, categories)
     if len(train_set) < per_device:
         raise ValueError(f"{len(train_set)} training images with objects, fewer than one batch of {per_device}")
+    workers = run.loader_workers
     loader = partial(DataLoader, num_workers=workers, collate_fn=collate_lists, persistent_workers=workers > 0)
-    info = load_backbone(weights, arch=arch, small_stem=small_stem)[2]
+    info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
 
     def run_once(run_dir: Path) -> dict | None:
-        backbone, _, _ = load_backbone(weights, arch=info["arch"], small_stem=info["small_stem"])
+        backbone, _, _ = load_backbone(run.weights, arch=info["arch"], small_stem=info["small_stem"])
         detector = build_detector(backbone, len(categories) + 1, splits.has_masks, protocol.train_sizes,
-                                  protocol.max_size, fpn_channels, rois_per_image)
+                                  protocol.max_size, fpn_channels, rois_per_image, head)
         schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
         module = TransferModule(detector, detection_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay,
                                 norm_weight_decay=0.0)
-        trainer = make_trainer(run_dir, protocol.max_iters, accelerator, devices, num_nodes, strategy, precision)
+        trainer = run.trainer(run_dir, protocol.max_iters)
         trainer.fit(module, loader(train_set, batch_size=per_device, shuffle=True, drop_last=True))
         if not trainer.is_global_zero:
             return None
         return evaluate_detection(detector, loader(test_set, batch_size=per_device), splits.test, categories,
                                   protocol.image_size, splits.has_masks, trainer.strategy.root_device)
 
-    name = ("mask" if splits.has_masks else "faster") + f"_rcnn_{info['arch']}_fpn"
-    settings = {**dataclasses.asdict(protocol), "fpn_channels": fpn_channels, "rois_per_image": rois_per_image}
-    result = {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": weights,
+    name = ("mask" if splits.has_masks else "faster") + f"_rcnn_{info['arch']}_{head}"
+    settings = {**dataclasses.asdict(protocol), "head": head, "fpn_channels": fpn_channels,
+                "rois_per_image": rois_per_image}
+    result = {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": run.weights,
               "arch": info["arch"], "small_stem": info["small_stem"], "settings": settings}
-    return _repeat(run_once, protocol.runs, seed, Path(out or f"runs/transfer/detect-{format}"), result)
+    return _repeat(run_once, protocol.runs, run.seed, Path(run.out or f"runs/transfer/detect-{format}"), result)
 
 
-def segment(weights: str = "random", data: str | None = None,
-            dataset: Literal["cityscapes", "voc-seg"] = "cityscapes",
+@with_run_options
+def segment(data: str | None = None, dataset: Literal["cityscapes", "voc-seg"] = "cityscapes",
+            head: Literal["fcn", "pspnet"] = "fcn",
             runs: int | None = None, max_iters: int | None = None, batch_size: int | None = None,
             lr: float | None = None, min_lr: float | None = None, weight_decay: float | None = None,
             scale: list[int] | None = None, crop_size: int | None = None, ratio_range: list[float] | None = None,
             inference: Literal["slide", "whole"] | None = None, stride: int | None = None,
-            arch: str | None = None, small_stem: bool | None = None, workers: int = 4,
-            accelerator: str = "auto", devices: int = 1, num_nodes: int = 1, strategy: str = "auto",
-            precision: str = "32-true", out: str | None = None, seed: int = 0) -> dict | None:
-    """Semantic segmentation with an FCN head (mmseg FCN-D8 protocol), scored by mIoU, mAcc and aAcc.
+            **run_options) -> dict | None:
+    """Semantic segmentation with an FCN or PSPNet head (mmseg's D8 protocols), scored by mIoU, mAcc and aAcc.
 
     ResNet-50/101 are dilated to output stride 8; an auxiliary FCN head on layer3 adds 0.4 x its loss.
 
     Args:
-        weights: pretraining checkpoint (.ckpt), exported torchvision backbone (.pth/.pt), or "random".
         data: Cityscapes root (leftImg8bit/, gtFine/) or a folder holding VOCdevkit/ (SegmentationClass).
         dataset: cityscapes (19 classes, train -> val) or voc-seg (VOC2012, else VOC2007, train -> val
             or trainval -> test).
+        head: fcn (mmseg's fcn_r50-d8, the default) or pspnet (pspnet_r50-d8: pyramid pooling, bins 1, 2, 3, 6).
         runs: fine-tuning runs averaged in the report (default: 3, as in the paper).
         max_iters: training iterations (default: 40000 cityscapes, 20000 voc-seg).
         batch_size: images per iteration over all GPUs (default: 8 cityscapes, 16 voc-seg).
@@ -217,17 +219,9 @@ def segment(weights: str = "random", data: str | None = None,
         ratio_range: range of the random rescaling ratio in training (default: 0.5 2.0).
         inference: slide (crop_size windows) or whole image (default: slide cityscapes, whole voc-seg).
         stride: stride of the sliding windows (default: 513 cityscapes).
-        arch: backbone (resnet18/34/50/101; default: from the checkpoint, else resnet50).
-        small_stem: 3x3 stem for small images (default: from the checkpoint, else false).
-        workers: data-loading processes per GPU.
-        accelerator: Lightning accelerator (auto, cpu, gpu).
-        devices: GPUs per node (use torchrun --nproc-per-node with the same number).
-        num_nodes: machines.
-        strategy: Lightning strategy (auto: ddp on several GPUs).
-        precision: Lightning precision (32-true, 16-mixed, bf16-mixed).
-        out: folder for results.json, results.md and run logs (default: runs/transfer/segment-DATASET).
-        seed: seed of the first run.
     """
+    run = RunOptions(**run_options)
+    _check_head(head, SEGMENTATION_HEADS)
     protocol = _protocol(SEGMENTATION, dataset, "--dataset", runs=runs, max_iters=max_iters,
                          batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay, scale=scale,
                          crop_size=crop_size, ratio_range=ratio_range, inference=inference, stride=stride)
@@ -236,23 +230,24 @@ def segment(weights: str = "random", data: str | None = None,
                          f"and {list(protocol.ratio_range)}")
     check_positive(lr=protocol.lr, crop_size=protocol.crop_size, stride=protocol.stride,
                    scale_height=protocol.scale[0], scale_width=protocol.scale[1])
-    per_device = per_device_batch(protocol.batch_size, devices, num_nodes)
+    per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
     train_base, test_base, num_classes, lut = segmentation_splits(_required(data, "--data"), dataset)
     augment = train_transform(protocol.scale, protocol.crop_size, protocol.ratio_range)
     train_set = SegmentationPairs(train_base, num_classes, augment, lut)
     test_set = SegmentationPairs(test_base, num_classes, None, lut)
     if len(train_set) < per_device:
         raise ValueError(f"{len(train_set)} training images, fewer than one batch of {per_device}")
+    workers = run.loader_workers
     loader = partial(DataLoader, num_workers=workers, persistent_workers=workers > 0)
-    info = load_backbone(weights, arch=arch, small_stem=small_stem)[2]
+    info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
 
     def run_once(run_dir: Path) -> dict | None:
-        backbone, _, _ = load_backbone(weights, arch=info["arch"], small_stem=info["small_stem"])
-        model = build_fcn(backbone, info["arch"], num_classes)
+        backbone, _, _ = load_backbone(run.weights, arch=info["arch"], small_stem=info["small_stem"])
+        model = build_segmenter(backbone, info["arch"], num_classes, head)
         schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
         module = TransferModule(model, segmentation_losses, protocol.lr, schedule,
                                 weight_decay=protocol.weight_decay)
-        trainer = make_trainer(run_dir, protocol.max_iters, accelerator, devices, num_nodes, strategy, precision)
+        trainer = run.trainer(run_dir, protocol.max_iters)
         trainer.fit(module, loader(train_set, batch_size=per_device, shuffle=True, drop_last=True))
         if not trainer.is_global_zero:
             return None
@@ -260,8 +255,8 @@ def segment(weights: str = "random", data: str | None = None,
                                      protocol.inference, protocol.crop_size, protocol.stride,
                                      trainer.strategy.root_device)
 
-    name = f"fcn_{info['arch']}" + ("_d8" if info["arch"] in DILATABLE else "")
-    result = {"dataset": dataset, "protocol": name, "weights": weights, "arch": info["arch"],
-              "small_stem": info["small_stem"], "num_classes": num_classes, "settings": dataclasses.asdict(protocol)}
-    return _repeat(run_once, protocol.runs, seed, Path(out or f"runs/transfer/segment-{dataset}"), result)
-
+    name = f"{head}_{info['arch']}" + ("_d8" if info["arch"] in DILATABLE else "")
+    result = {"dataset": dataset, "protocol": name, "weights": run.weights, "arch": info["arch"],
+              "small_stem": info["small_stem"], "num_classes": num_classes,
+              "settings": {**dataclasses.asdict(protocol), "head": head}}
+    return _repeat(run_once, protocol.runs, run.seed, Path(run.out or f"runs/transfer/segment-{dataset}"), result)

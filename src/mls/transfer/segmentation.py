@@ -1,7 +1,8 @@
-"""Semantic segmentation transfer: an FCN head on a pretrained (dilated) ResNet, mmseg's FCN-D8 protocol.
+"""Semantic segmentation transfer: an FCN or PSPNet head on a pretrained (dilated) ResNet, mmseg's D8 protocols.
 
-torchvision's ``FCN`` with its ``FCNHead`` on layer4 and an auxiliary head on layer3 (loss weight 0.4);
-ResNet-50/101 keep output stride 8 by dilating layer3 and layer4, as FCN-D8 does.
+torchvision's ``FCN`` with its ``FCNHead`` on layer4, or PSPNet (mmseg's ``PSPHead``: a pyramid pooling
+module on layer4), each with an auxiliary ``FCNHead`` on layer3 (loss weight 0.4); ResNet-50/101 keep
+output stride 8 by dilating layer3 and layer4, as FCN-D8 and PSPNet-D8 do.
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 from torchvision.models.segmentation.fcn import FCN, FCNHead
+from tqdm.auto import tqdm
 
 from mls.transfer.metrics import segmentation_scores
 from mls.transfer.segmentation_data import IGNORE
 
 INFERENCE = ("whole", "slide")
+HEADS = ("fcn", "pspnet")
 
 
 DILATABLE = ("resnet50", "resnet101")  # torchvision's BasicBlock (resnet18/34) refuses dilation
@@ -35,13 +39,60 @@ def dilated(backbone: torchvision.models.ResNet, arch: str) -> torchvision.model
     return net
 
 
-def build_fcn(backbone: torchvision.models.ResNet, arch: str, num_classes: int) -> FCN:
-    """FCN with an auxiliary head, dilated when ``arch`` allows; forward gives ``{"out", "aux"}`` at input size."""
+def _body(backbone: torchvision.models.ResNet, arch: str) -> tuple[IntermediateLayerGetter, int]:
+    """layer3 (``"aux"``) and layer4 (``"out"``) of the backbone, dilated when ``arch`` allows; layer4's width."""
     if arch in DILATABLE:
         backbone = dilated(backbone, arch)
     channels = backbone.layer4[-1].conv1.in_channels  # a block's input = its stage's output channels
-    body = IntermediateLayerGetter(backbone, {"layer3": "aux", "layer4": "out"})
+    return IntermediateLayerGetter(backbone, {"layer3": "aux", "layer4": "out"}), channels
+
+
+def build_fcn(backbone: torchvision.models.ResNet, arch: str, num_classes: int) -> FCN:
+    """FCN with an auxiliary head, dilated when ``arch`` allows; forward gives ``{"out", "aux"}`` at input size."""
+    body, channels = _body(backbone, arch)
     return FCN(body, FCNHead(channels, num_classes), FCNHead(channels // 2, num_classes))
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class PSPHead(nn.Module):
+    """mmseg's ``PSPHead`` (Zhao et al., 2017): per bin, adaptive average pooling to ``bin x bin``, 1x1 conv,
+    BN, ReLU, bilinear upsampling back; the pooled maps are concatenated with the input, fused by a 3x3
+    conv-BN-ReLU bottleneck and classified by a 1x1 conv after dropout 0.1."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, bins: Sequence[int] = (1, 2, 3, 6)):
+        super().__init__()
+        self.pyramid = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), *_conv_bn_relu(in_channels, channels, 1))
+                                     for b in bins)
+        self.bottleneck = _conv_bn_relu(in_channels + len(bins) * channels, channels, 3)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(level(x), size=size, mode="bilinear", align_corners=False) for level in self.pyramid]
+        return self.classifier(self.bottleneck(torch.cat([x, *pooled], 1)))
+
+
+class PSPNet(_SimpleSegmentationModel):
+    """PSPNet-D8: a ``PSPHead`` on layer4 and an auxiliary ``FCNHead`` on layer3, as torchvision's ``FCN``
+    wires its heads; forward gives ``{"out", "aux"}`` at input size."""
+
+
+def build_pspnet(backbone: torchvision.models.ResNet, arch: str, num_classes: int) -> PSPNet:
+    """mmseg's pspnet_r50-d8 on ``backbone``: PPM bins (1, 2, 3, 6) 512 wide for ResNet-50 (a quarter of
+    layer4's width), auxiliary FCN head 256 wide on layer3 (torchvision's ``FCNHead``: a quarter of 1024)."""
+    body, channels = _body(backbone, arch)
+    return PSPNet(body, PSPHead(channels, channels // 4, num_classes), FCNHead(channels // 2, num_classes))
+
+
+def build_segmenter(backbone: torchvision.models.ResNet, arch: str, num_classes: int, head: str = "fcn") -> nn.Module:
+    """``build_fcn`` or ``build_pspnet`` by ``head``."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    return (build_fcn if head == "fcn" else build_pspnet)(backbone, arch, num_classes)
 
 
 def segmentation_losses(model: nn.Module, batch: tuple, aux_weight: float = 0.4) -> dict[str, torch.Tensor]:
@@ -91,7 +142,7 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
     """mIoU, mAcc and aAcc (percentages) over the test set, from one confusion matrix (ignore label excluded)."""
     model.to(device).eval()
     confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE).to(device)
-    for images, labels in loader:
+    for images, labels in tqdm(loader, desc="segment", leave=False):
         logits = predict_logits(model, images.to(device), num_classes, scale, mode, crop, stride)
         confmat.update(logits.argmax(1), labels.to(device))
     return segmentation_scores(confmat.compute().cpu())

@@ -1,7 +1,12 @@
 """What detection and segmentation fine-tuning share: SGD with its schedule, the Lightning module, the trainer."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import os
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -9,6 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+
+from mls.config import check, setting
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 
@@ -98,3 +105,50 @@ def check_positive(**values: float) -> None:
     for name, value in values.items():
         if value is None or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive number, got {value}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What every transfer command takes besides its protocol: the weights, the hardware, the output, the seed."""
+
+    weights: str = setting("random", "pretraining checkpoint (.ckpt), exported torchvision backbone (.pth/.pt), "
+                                     'or "random"')
+    arch: str | None = setting(None, "backbone (resnet18/34/50/101); null: from the checkpoint, else resnet50")
+    small_stem: bool | None = setting(None, "3x3 stem for small images; null: from the checkpoint, else false")
+    workers: int | None = setting(None, "data-loading processes per GPU; null: the machine's cores, at most 4")
+    accelerator: str = setting("auto", "Lightning accelerator (auto, cpu, gpu)")
+    devices: int = setting(1, "GPUs per node (use torchrun --nproc-per-node with the same number)")
+    num_nodes: int = setting(1, "machines")
+    strategy: str = setting("auto", "Lightning strategy (auto: ddp on several GPUs)")
+    precision: str = setting("32-true", "Lightning precision (32-true, 16-mixed, bf16-mixed)")
+    out: str | None = setting(None, "folder for results.json, results.md and run logs; null: "
+                                    "runs/transfer/detect-FORMAT or runs/transfer/segment-DATASET")
+    seed: int = setting(0, "seed of the first run (the others: seed + 1, seed + 2, ...)")
+
+    def __post_init__(self):
+        check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.devices >= 1 and self.num_nodes >= 1, "devices",
+              f"and num_nodes must be at least 1, got {self.devices} and {self.num_nodes}")
+
+    @property
+    def loader_workers(self) -> int:
+        return min(4, os.cpu_count() or 1) if self.workers is None else self.workers
+
+    def trainer(self, out: Path, max_iters: int) -> L.Trainer:
+        return make_trainer(out, max_iters, self.accelerator, self.devices, self.num_nodes, self.strategy,
+                            self.precision)
+
+
+def with_run_options(fn: Callable) -> Callable:
+    """Give ``fn(..., **run)`` one keyword option per ``RunOptions`` field, with the field's default and doc,
+    so that the command line and the configs see flat options (``--weights``, ``--devices``, ...)."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    types = typing.get_type_hints(RunOptions)
+    lines = []
+    for f in dataclasses.fields(RunOptions):
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=types[f.name]))
+        lines.append(f"    {f.name}: {f.metadata['doc']}.\n")
+    fn.__signature__ = inspect.signature(fn).replace(parameters=params)
+    fn.__doc__ = inspect.cleandoc(fn.__doc__) + "\n" + "".join(lines)
+    return fn
