@@ -78,7 +78,8 @@ class PretrainModule(L.LightningModule):
             if p.requires_grad:
                 (no_decay if name == "logit_bias" else decay).append(p)
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-        optimizer = torch.optim.SGD(groups, lr=self._lr(), momentum=t["sgd_momentum"], weight_decay=t["weight_decay"])
+        optimizer = torch.optim.SGD(groups, lr=self._lr(), momentum=t["sgd_momentum"], weight_decay=t["weight_decay"],
+                                    foreach=True)  # one kernel per group rather than one per tensor
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -8,8 +8,6 @@ and in the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import typing
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -24,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import mls
 from mls.checkpoint import atomic_save
+from mls.options import flat_options
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS, PretrainSettings
 from mls.train.data import PretrainData
 from mls.train.module import PretrainModule
@@ -162,27 +161,17 @@ def pretrain(out: str | None = None, resume: str | None = None,
     return last
 
 
-def _expose_settings(fn):
-    """Give ``fn`` one keyword option per settings field (default ``None``: from the preset), documented
-    from the field's own doc with the paper's default and the demo's value, for jsonargparse and ``help``."""
-    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    lines = ["out: output folder: checkpoints/, tensorboard/ and csv/ logs (default: runs/demo, or runs/pretrain "
-             "with --data).",
-             'resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an '
-             "OUT holding checkpoints is refused).",
-             "preset: where unset options come from: auto (demo without --data, else paper), "
-             + ", ".join(f"{name} ({text})" for name, text in PRESET_HELP.items()) + "."]
-    for group in SETTINGS:
-        types = typing.get_type_hints(group)
-        for f in dataclasses.fields(group):
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=typing.Optional[types[f.name]]))
-            demo = PRESETS["demo"].get(f.name, f.default)
-            where = f"paper: {f.default}" + (f"; demo: {demo}" if demo != f.default else "")
-            lines.append(f"{f.name}: {f.metadata['doc']} [{where}]")
-    fn.__signature__ = inspect.Signature(params, return_annotation=Path)
-    fn.__doc__ = inspect.cleandoc(fn.__doc__) + "\n\nArgs:\n" + "".join(f"    {line}\n" for line in lines)
-    return fn
+def _describe(f) -> str:
+    """An option's help: its doc, the paper's default and, where it differs, the demo's value."""
+    demo = PRESETS["demo"].get(f.name, f.default)
+    return f"{f.metadata['doc']} [paper: {f.default}" + (f"; demo: {demo}]" if demo != f.default else "]")
 
 
-pretrain = _expose_settings(pretrain)
+pretrain.__doc__ += """
+    Args:
+        out: output folder: checkpoints/, tensorboard/ and csv/ logs (default: runs/demo, or runs/pretrain with --data).
+        resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT
+            holding checkpoints is refused).
+        preset: where unset options come from: auto (demo without --data, else paper), """ + ", ".join(
+    f"{name} ({text})" for name, text in PRESET_HELP.items()) + "."
+pretrain = flat_options(pretrain, SETTINGS, unset_is_none=True, describe=_describe)

@@ -1,11 +1,8 @@
 """What detection and segmentation fine-tuning share: SGD with its schedule, the Lightning module, the trainer."""
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from mls.config import check, setting
+from mls.options import flat_options
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 
@@ -140,15 +138,5 @@ class RunOptions:
 
 
 def with_run_options(fn: Callable) -> Callable:
-    """Give ``fn(..., **run)`` one keyword option per ``RunOptions`` field, with the field's default and doc,
-    so that the command line and the configs see flat options (``--weights``, ``--devices``, ...)."""
-    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    types = typing.get_type_hints(RunOptions)
-    lines = []
-    for f in dataclasses.fields(RunOptions):
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                        annotation=types[f.name]))
-        lines.append(f"    {f.name}: {f.metadata['doc']}.\n")
-    fn.__signature__ = inspect.signature(fn).replace(parameters=params)
-    fn.__doc__ = inspect.cleandoc(fn.__doc__) + "\n" + "".join(lines)
-    return fn
+    """Give ``fn(..., **run)`` one keyword option per ``RunOptions`` field (``--weights``, ``--devices``, ...)."""
+    return flat_options(fn, (RunOptions,))
