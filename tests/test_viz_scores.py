@@ -1,4 +1,4 @@
-"""``mls visualize scores`` (Fig. 3): the figure and its numbers, the scores against a direct computation, the errors."""
+"""``mls visualize scores`` (Fig. 3): the figure and its numbers, the scores computed directly, the errors."""
 import json
 
 import numpy as np
@@ -53,7 +53,7 @@ def one_thread():
 
 
 def by_hand(model, crops):
-    """ĝ and z of each (image, box) computed by hand: integer crop, bilinear resize, ImageNet normalisation, g / |g|."""
+    """ĝ and z of each (image, box) by hand: integer crop, bilinear resize, ImageNet normalisation, g / |g|."""
     batch = []
     for image, box in crops:
         w, h = image.size

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mls.files import atomic_write, ensure_writable
 from mls.selection import cosine_similarity
-from mls.viz.neighbors import DATA_KEYS, Bank, check_indices, crop_at, crop_view, embed_boxes
+from mls.viz.neighbors import DATA_KEYS, Bank, check_indices, crop_view, embed_boxes
 
 NETWORKS = ("before", "after")
 KINDS = {"backbone": "backbone scores ĝ1·Q_gᵀ", "mlp": "MLP scores z1·Q_zᵀ"}
@@ -80,7 +80,7 @@ def stored_crops(queue: nn.Module) -> Bank:
 
 
 def encoder(model: nn.Module):
-    """``x -> (ĝ, z)``: the L2-normalised pooled backbone feature and the normalised projection of the query encoder."""
+    """``x -> (ĝ, z)``: the query encoder's L2-normalised pooled backbone feature and normalised projection."""
     model.eval()
 
     def encode(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,7 +209,7 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
 def scores(checkpoint: str | None = None, before: str = "random", data: str | None = None,
            annotations: str | None = None, queries: int = 1, query_index: list[int] | None = None, seed: int = 0,
            bins: int = 50, out: str = "scores.png", image_size: int | None = None) -> None:
-    """Histograms of a query crop's backbone scores (ĝ1·Q_gᵀ) and MLP scores (z1·Q_zᵀ), before and after (Fig. 3).
+    """Histograms of a query crop's backbone scores ĝ1·Q_gᵀ and MLP scores z1·Q_zᵀ, before and after (Fig. 3).
 
     Both networks score the query against a bank they embed themselves from the crops that the
     checkpoint's Q_g holds (each entry's source image cropped at its stored box), so a random
