@@ -21,6 +21,7 @@ def _commands() -> dict:
     from mls.transfer.commands import detect, segment
     from mls.viz.curves import plot
     from mls.viz.neighbors import neighbors
+    from mls.viz.scores import scores
 
     return {
         "pretrain": pretrain,
@@ -28,7 +29,7 @@ def _commands() -> dict:
         "export": export,
         "eval": {"linear": linear, "finetune": finetune, "knn": knn},
         "transfer": {"detect": detect, "segment": segment},
-        "visualize": {"neighbors": neighbors},
+        "visualize": {"neighbors": neighbors, "scores": scores},
         "plot": plot,
         "study": study,
     }

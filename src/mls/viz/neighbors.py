@@ -6,6 +6,7 @@ paper's label selection itself (``mls.selection``): cosine similarity of ``ĝ1``
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
 from mls.data.augment import MoCoV2View
 from mls.files import atomic_write, ensure_writable
@@ -93,6 +95,44 @@ def crop_view(image_size: int) -> MoCoV2View:
     return MoCoV2View(image_size, flip_p=0, jitter_p=0, grayscale_p=0, blur_p=0)
 
 
+def crop_at(image: Image.Image, box, image_size: int) -> Tensor:
+    """``image`` cropped at the normalised ``box`` and resized to ``image_size``, normalised as a view is.
+
+    The crop's edges are ``round(x0·w) .. round(x1·w)``: the pixels the box was drawn from, since a
+    view's box is its integer crop divided by the image size. No flip, colour change or blur.
+    """
+    w, h = image.size
+    left, top = round(float(box[0]) * w), round(float(box[1]) * h)
+    width, height = max(1, round(float(box[2]) * w) - left), max(1, round(float(box[3]) * h) - top)
+    crop = TF.resized_crop(image, top, left, height, width, [image_size, image_size], antialias=True)
+    return crop_view(image_size).appearance(crop).as_subclass(Tensor)
+
+
+@torch.no_grad()
+def encode_batches(encode, crops: Iterable[Tensor], batch_size: int = 64) -> tuple[Tensor, ...]:
+    """``encode`` (returning a tensor or a tuple of tensors) on ``crops`` stacked ``batch_size`` at a time.
+
+    ``crops`` may be a generator, so that no more than one batch of images is held at once.
+    Returns each output concatenated over the batches, as a tuple.
+    """
+    outputs, batch = [], []
+    for crop in crops:
+        batch.append(crop)
+        if len(batch) == batch_size:
+            outputs.append(encode(torch.stack(batch)))
+            batch = []
+    if batch:
+        outputs.append(encode(torch.stack(batch)))
+    outputs = [out if isinstance(out, tuple) else (out,) for out in outputs]
+    return tuple(torch.cat(parts) for parts in zip(*outputs))
+
+
+def embed_boxes(encode, source, indices, boxes, image_size: int, batch_size: int = 64) -> tuple[Tensor, ...]:
+    """Each listed image cropped at its box (``crop_at``) and passed through ``encode`` in batches."""
+    crops = (crop_at(source.image(int(i)), box, image_size) for i, box in zip(indices, boxes))
+    return encode_batches(encode, crops, batch_size)
+
+
 @torch.no_grad()
 def embed_random_crops(backbone: nn.Module, source, indices: list[int], image_size: int,
                        batch_size: int = 64) -> tuple[Tensor, Tensor]:
@@ -101,13 +141,16 @@ def embed_random_crops(backbone: nn.Module, source, indices: list[int], image_si
     Uses the global torch generator, as training does; callers seed it.
     """
     backbone.eval()
-    view = crop_view(image_size)
-    features, boxes = [], []
-    for start in range(0, len(indices), batch_size):
-        views = [view(source.image(i)) for i in indices[start:start + batch_size]]
-        features.append(F.normalize(backbone(torch.stack([v.image for v in views])).flatten(1).float(), dim=1))
-        boxes += [v.box for v in views]
-    return torch.cat(features), torch.stack(boxes)
+    view, boxes = crop_view(image_size), []
+
+    def crops():
+        for i in indices:
+            v = view(source.image(i))
+            boxes.append(v.box)
+            yield v.image
+
+    g, = encode_batches(lambda x: F.normalize(backbone(x).flatten(1).float(), dim=1), crops(), batch_size)
+    return g, torch.stack(boxes)
 
 
 def dataset_bank(backbone: nn.Module, source, image_size: int, indices: list[int]) -> Bank:
