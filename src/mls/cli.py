@@ -10,6 +10,8 @@ import sys
 
 from jsonargparse import CLI
 
+from mls.files import CheckpointNotWritten
+
 
 def _commands() -> dict:
     """Sub-commands, imported here so that ``import mls.cli`` stays light."""
@@ -45,9 +47,11 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
-# What bad input raises (a missing or unwritable path, an impossible setting): the message is the point.
+# What bad input raises (a missing or unwritable path, an impossible setting, an unreadable checkpoint
+# (mls.checkpoint.UnreadableCheckpoint, a ValueError), a checkpoint that could not be written): the
+# message is the point.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, CheckpointNotWritten)
 
 
 def main(argv: list[str] | None = None) -> None:
