@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_checkpoint
+from conftest import fill_queue, tiny, tiny_checkpoint
+from PIL import Image
 
 from mls.checkpoint import UnreadableCheckpoint, read_checkpoint
 from mls.train import pretrain
@@ -133,3 +135,33 @@ def test_resume_auto_trains_on_past_a_corrupt_last_ckpt(tmp_path):
     last.write_bytes(last.read_bytes()[:1000])
     resumed = read_checkpoint(pretrain(out=str(out), resume="auto", epochs=3, max_steps=8, **TINY))
     assert resumed["global_step"] == 8  # from epoch000.ckpt (step 6), two steps on
+
+
+def write_images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def test_neighbors_refuses_other_data_than_the_checkpoints_unless_forced(tmp_path):
+    from mls.checkpoint import save_pretrained
+    from mls.data.images import ImageFolderSource
+    from mls.viz.neighbors import neighbors
+
+    trained, other = write_images(tmp_path / "trained", 34), write_images(tmp_path / "other", 35)
+    model = tiny(queue_size=32, store_g=True)
+    fill_queue(model)  # indices 0..31
+    data = {"data": str(trained), "annotations": None, "num_images": 34, "image_size": 32, "seed": 0}
+    save_pretrained(tmp_path / "new.ckpt", model, {"data": {**data, "fingerprint": ImageFolderSource(trained).fingerprint()}})
+    save_pretrained(tmp_path / "old.ckpt", model, {"data": data})  # before fingerprints: not checked
+    draw = dict(out=str(tmp_path / "nn.png"), queries=1, k=2, tile=32)
+    with pytest.raises(ValueError, match="is not the data set") as caught:
+        neighbors(str(tmp_path / "new.ckpt"), data=str(other), **draw)
+    message = str(caught.value)
+    assert "35 images" in message and "34 images" in message and "--force" in message and "\n" not in message
+    assert not (tmp_path / "nn.png").exists()
+    neighbors(str(tmp_path / "new.ckpt"), data=str(other), force=True, **draw)
+    neighbors(str(tmp_path / "old.ckpt"), data=str(other), **draw)
+    neighbors(str(tmp_path / "new.ckpt"), **draw)  # its own data
