@@ -165,3 +165,38 @@ def test_neighbors_refuses_other_data_than_the_checkpoints_unless_forced(tmp_pat
     neighbors(str(tmp_path / "new.ckpt"), data=str(other), force=True, **draw)
     neighbors(str(tmp_path / "old.ckpt"), data=str(other), **draw)
     neighbors(str(tmp_path / "new.ckpt"), **draw)  # its own data
+
+
+def test_help_writes_options_with_dashes(capsys):
+    from mls.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "--batch-size BATCH_SIZE" in text and "--queue-size" in text and "--grayscale-p" in text
+    assert not re.search(r"--[a-z0-9]+_[a-z]", text)
+
+
+def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_commands(tmp_path):
+    from types import SimpleNamespace
+
+    from mls.train.config import PretrainSettings
+    from mls.train.run import run_summary
+
+    logs = tmp_path / "csv" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text(
+        "epoch,step,train/extra_weight,train/images_per_sec,train/label_precision,train/loss,train/loss_extra,"
+        "train/loss_infonce,train/skipped_images\n"
+        "0,0,0.0,,nan,9.0,9.0,9.0,\n"
+        "1,10,0.5,100,0.5,3.0,1.0,2.5,\n"
+        "1,11,0.5,100,0.7,5.0,3.0,3.5,\n"
+        "1,11,,,,,,,0.0\n")
+    trainer = SimpleNamespace(loggers=[None, SimpleNamespace(log_dir=str(logs))], global_step=12, current_epoch=2)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    text = run_summary(trainer, PretrainSettings.resolve({}, "demo"), tmp_path, last)
+    assert "12 steps, 2 epochs" in text
+    assert "loss 4.000 (InfoNCE 3.000, extra 2.000 at mean λ 0.50), pseudo-label precision 0.600" in text
+    assert f"mls visualize neighbors --checkpoint {last}" in text and f"mls eval knn --weights {last}" in text
+    assert f"mls plot {tmp_path}" in text

@@ -238,9 +238,51 @@ def pretrain(out: str | None = None, resume: str | None = None,
             warnings.filterwarnings("ignore", message=message, category=category)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     last = out_dir / CHECKPOINTS / "last.ckpt"
-    rank_zero_info(f"checkpoint: {last}\nlogs: {trainer.loggers[1].log_dir}/metrics.csv and {out_dir / 'tensorboard'} "
-                   f"(mls plot {out_dir / 'csv'} --out curves.png; tensorboard --logdir {out_dir / 'tensorboard'})")
+    rank_zero_info(run_summary(trainer, settings, out_dir, last))
     return last
+
+
+def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
+    """The last epoch logged in a CSVLogger file and the mean of each ``train/`` quantity over its steps."""
+    if not metrics_csv.is_file():
+        return None, {}
+    with open(metrics_csv) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "")]
+    if not rows:
+        return None, {}
+    epoch = rows[-1]["epoch"]
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["epoch"] == epoch and row.get("train/images_per_sec"):  # a training step (not an epoch-end row)
+            for key, text in row.items():
+                if key.startswith("train/") and text not in ("", None) and not math.isnan(float(text)):
+                    values.setdefault(key[len("train/"):], []).append(float(text))
+    return int(epoch), {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path) -> str:
+    """What a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
+    precision, where the files are, and the commands that look at the result."""
+    epoch, means = last_epoch_means(Path(trainer.loggers[1].log_dir) / "metrics.csv")
+    lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
+    if means.get("loss") is not None:
+        terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
+        if "loss_extra" in means:
+            terms += f", extra {means['loss_extra']:.3f} at mean λ {means.get('extra_weight', float('nan')):.2f}"
+        terms += ")"
+        if "label_precision" in means:
+            terms += f", pseudo-label precision {means['label_precision']:.3f} (share of selected neighbours " \
+                     "sharing a class with their query)"
+        lines.append(f"epoch {epoch} on average: {terms}")
+    lines.append(f"logs: {trainer.loggers[1].log_dir}/metrics.csv and {out / 'tensorboard'}")
+    evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
+                else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
+    lines += ["next:",
+              f"  mls visualize neighbors --checkpoint {last} --out neighbors.png",
+              f"  {evaluate}",
+              f"  mls plot {out} --out curves.png",
+              f"  tensorboard --logdir {out / 'tensorboard'}"]
+    return "\n".join(lines)
 
 
 def _expose_settings(fn):
