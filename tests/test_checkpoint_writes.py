@@ -41,7 +41,9 @@ def test_sigkill_at_a_random_moment_leaves_a_run_that_resumes(tmp_path):
     for trial in range(len(delays)):
         out = tmp_path / f"trial{trial}"
         cmd = [sys.executable, "-m", "mls.cli", "pretrain", *cli_args(out, epochs=EPOCHS, save_every=1, seed=trial)]
-        runs.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)))
+        log = open(tmp_path / f"trial{trial}.log", "wb")  # a file, not a pipe that the progress bar could fill
+        runs.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)))
+        log.close()
     try:
         first_seen: dict[int, float] = {}
         deadline = time.monotonic() + 240
@@ -50,7 +52,7 @@ def test_sigkill_at_a_random_moment_leaves_a_run_that_resumes(tmp_path):
             assert now < deadline, "the runs did not start"
             for trial, (out, proc) in enumerate(runs):
                 if proc.poll() is not None:
-                    assert trial in first_seen, proc.stderr.read().decode()[-3000:]
+                    assert trial in first_seen, (tmp_path / f"trial{trial}.log").read_text()[-3000:]
                     continue
                 if trial not in first_seen and finished_checkpoints(out):
                     first_seen[trial] = now
