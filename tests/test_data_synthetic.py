@@ -207,6 +207,6 @@ def test_synth_help_shows_each_option(capsys):
     with pytest.raises(SystemExit):
         mls_main(["synth", "--help"])
     text = capsys.readouterr().out
-    for option in ("out", "--num_images", "--image_size", "--seed", "--format"):
+    for option in ("out", "--num-images", "--image-size", "--seed", "--format"):  # as the README writes them
         assert option in text
     assert "Side of the square images" in text

@@ -176,6 +176,8 @@ def test_q_g_only_scores_the_backbone_feature_against_q_g_and_its_gradient_reach
     x = p / 0.1
     expected_extra = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).sum(1).div(32).mean()
     assert float(out["loss_extra"]) == pytest.approx(float(expected_extra), rel=1e-5)
+    # InfoNCE stays MoCo-v2's: z against Q_z
+    assert float(out["loss_infonce"]) == pytest.approx(float(infonce(z1.detach(), seen["z2"], queue_z, 0.2)), rel=1e-5)
     # d(loss)/d(g1) has a part from the extra loss directly, beside the one through the MLP and z1
     (dz1,) = torch.autograd.grad(out["loss"], z1, retain_graph=True)
     via_z1 = torch.autograd.grad(z1, g1, grad_outputs=dz1, retain_graph=True)[0]

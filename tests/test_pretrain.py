@@ -233,3 +233,26 @@ def test_a_second_run_into_the_same_folder_neither_overwrites_nor_silently_resum
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("mls: error: ") and "--resume auto" in proc.stderr
     assert first.read_bytes() == before
+
+
+def test_presets_record_their_views_and_resume_refuses_other_data(tmp_path):
+    """--data takes MoCo-v2's views (hue 0.1, grayscale 0.2), the demo neither; the data's fingerprint is
+    recorded, and resuming on other images is refused before training."""
+    folder = tmp_path / "imgs"
+    write_images(folder, 24)
+    out = tmp_path / "paper"
+    main(["pretrain", "--data", str(folder), "--out", str(out), "--max-steps", "1", "--arch", "resnet18",
+          "--image-size", "32", "--batch-size", "8", "--queue-size", "16", "--topk", "2", "--epochs", "1",
+          "--workers", "0"])
+    hyper = read_checkpoint(out / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert hyper["view"]["hue"] == 0.1 and hyper["view"]["grayscale_p"] == 0.2
+    assert hyper["data"]["fingerprint"].startswith("image folder: 24 images, names ")
+
+    write_images(folder, 25)  # one image more: another data set
+    with pytest.raises(ValueError, match="pretrained on other data: image folder: 24 images.*25 images"):
+        pretrain(data=str(folder), out=str(out), resume="auto", max_steps=2, arch="resnet18", image_size=32,
+                 batch_size=8, queue_size=16, topk=2, epochs=1, workers=0)
+
+    demo = read_checkpoint(pretrain(out=str(tmp_path / "demo"), epochs=1, max_steps=1, **TINY))["hyper_parameters"]
+    assert demo["view"]["hue"] == 0.0 and demo["view"]["grayscale_p"] == 0.0
+    assert demo["data"]["fingerprint"] == "built-in scenes: 48 of 32 px, seed 0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,58 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint or weights file that exists but cannot be loaded: empty, truncated, damaged or foreign."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: the legacy torch.save format, or a plain pickle
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """What is wrong with a file torch.load failed on, in words, from its first bytes and the error."""
+    size, head = path.stat().st_size, _head(path)
+    said = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+    if size == 0:
+        return "the file is empty"
+    if head == ZIP_MAGIC:
+        return f"the file is truncated or damaged ({size:,} bytes; torch.load: {said})"
+    if head.startswith(PICKLE_MAGIC):
+        if isinstance(error, EOFError):
+            return f"the file is truncated ({size:,} bytes)"
+        return (f"it is a pickle but not one torch.load can read: a plain pickle (e.g. a detectron2 .pkl) or a "
+                f"damaged legacy checkpoint (torch.load: {said})")
+    return f"it is not a PyTorch checkpoint (torch.save file); it starts with {head!r}"
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint or weights file onto the CPU.
+
+    A missing file raises ``FileNotFoundError``; one that cannot be loaded (empty, truncated, damaged,
+    not a torch.save file) ``UnreadableCheckpoint``, naming the file and what is wrong, in one line.
+    ``mmap=True`` maps the tensors instead of reading them (for looking at a few fields of a large file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, ImportError, AttributeError, IndexError,
+            KeyError, TypeError, UnicodeDecodeError) as error:
+        if mmap and _head(path) != ZIP_MAGIC:  # mmap needs the zip format: try the plain way
+            return read_checkpoint(path)
+        raise UnreadableCheckpoint(path, _unreadable_reason(path, error)) from None
+    except OSError as error:
+        raise UnreadableCheckpoint(path, error.strerror or str(error)) from None
 
 
 def is_pretraining_checkpoint(ckpt: dict) -> bool:

@@ -5,10 +5,15 @@ Options may be written with dashes or underscores (``--mls-loss`` or ``--mls_los
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import sys
 
 from jsonargparse import CLI
+
+from mls.files import CheckpointNotWritten
 
 
 def _commands() -> dict:
@@ -46,15 +51,34 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
-# What bad input raises (a missing or unwritable path, an impossible setting): the message is the point.
+# What bad input raises (a missing or unwritable path, an impossible setting, an unreadable checkpoint
+# (mls.checkpoint.UnreadableCheckpoint, a ValueError), a checkpoint that could not be written): the
+# message is the point.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, CheckpointNotWritten)
+
+
+_OPTION = re.compile(r"(?<![\w-])--([A-Za-z0-9]+(?:_[A-Za-z0-9]+)+)")
+
+
+def dashed_options(text: str) -> str:
+    """``--batch_size`` -> ``--batch-size`` in a help text: options as the README writes them (the
+    parser, which takes both spellings, names them with underscores)."""
+    return _OPTION.sub(lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and run the sub-command; errors propagate (for use from Python and tests)."""
     argv = sys.argv[1:] if argv is None else argv
-    CLI(_commands(), prog="mls", args=_underscore_options(argv))
+    if not {"-h", "--help"} & set(argv):
+        CLI(_commands(), prog="mls", args=_underscore_options(argv))
+        return
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            CLI(_commands(), prog="mls", args=_underscore_options(argv))
+    finally:
+        sys.stdout.write(dashed_options(text.getvalue()))
 
 
 def console() -> None:

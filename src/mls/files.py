@@ -26,18 +26,44 @@ def ensure_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_name)`` on a temporary file beside ``path``, then rename it into place.
+class CheckpointNotWritten(OSError):
+    """A checkpoint could not be written (full disk, read-only folder): the run stops, older files stay as they were."""
 
-    A reader never sees a half-written file, and a failed write leaves no file behind.
+    def __init__(self, path: str | os.PathLike, error: OSError):
+        super().__init__(f"cannot write checkpoint {path}: {error.strerror or error}; the run stopped, and the "
+                         "checkpoints written before are unchanged (free some space or fix the folder's "
+                         "permissions, then --resume auto)")
+        self.errno = error.errno
+
+
+def _fsync(path: str | os.PathLike, folder: bool = False) -> None:
+    """Flush a file's (or a folder's entries') data to the disk, so that it survives a power cut too."""
+    if folder and os.name == "nt":  # Windows cannot open a folder for syncing; its rename is durable enough
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if folder else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_name)`` on a temporary file beside ``path``, sync it, then rename it into place.
+
+    A reader never sees a half-written file, whenever the writer is killed: ``path`` is either the
+    old file or the complete new one. A failed write (e.g. a full disk) leaves the old file as it was
+    and no temporary file behind. The folder is synced after the rename, so that the new name is on
+    the disk too.
     """
     path = ensure_writable(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _fsync(path.parent, folder=True)
     return path

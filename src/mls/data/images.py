@@ -1,6 +1,7 @@
 """Real images: loading any file as 8-bit RGB, image folders and COCO folders as multi-label sources."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -132,6 +133,12 @@ class ImageFolderSource:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def fingerprint(self) -> str:
+        """What identifies these images wherever the folder lies: their number and a short hash of their
+        sorted relative file names (not of their contents, so that it costs no reading)."""
+        names = hashlib.sha256("\n".join(sorted(self.files)).encode()).hexdigest()[:12]
+        return f"image folder: {len(self.files)} images, names {names}"
 
     def path(self, i: int) -> Path:
         """The file of image ``i``."""

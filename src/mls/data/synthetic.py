@@ -142,6 +142,10 @@ class SyntheticScenes(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    def fingerprint(self) -> str:
+        """What identifies these scenes: they are drawn from (count, size, seed) alone."""
+        return f"built-in scenes: {self.num_images} of {self.image_size} px, seed {self.seed}"
+
     def _check_index(self, i: int) -> int:
         if not -self.num_images <= i < self.num_images:
             raise IndexError(f"scene index {i} out of range for {self.num_images} images")

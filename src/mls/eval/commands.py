@@ -5,6 +5,7 @@ only its own options.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -18,12 +19,13 @@ from mls.eval.report import summarise, write_report
 
 FEATURE_BATCH = 256  # batch of feature extraction and of the linear probe when --batch-size is not given
 SYNTHETIC_SIZE = 64  # size of the generated images when neither --image-size nor the checkpoint gives one
+WORKERS = min(4, os.cpu_count() or 1)  # data-loading processes by default: the machine's cores, at most 4
 
 
 def evaluate(name: str, protocol, settings: dict, default_batch: int, weights: str = "random",
              dataset: str = "synthetic", data: str | None = None, runs: int = 2, batch_size: int | None = None,
              image_size: int | None = None, arch: str | None = None, small_stem: bool | None = None,
-             workers: int = 2, out: str | None = None, seed: int = 0, synthetic_images: int = 512) -> dict:
+             workers: int = WORKERS, out: str | None = None, seed: int = 0, synthetic_images: int = 512) -> dict:
     """Run ``protocol(task, seed)`` for seeds seed..seed+runs-1, then write and print mean and std of its metrics.
 
     Args:
@@ -40,7 +42,7 @@ def evaluate(name: str, protocol, settings: dict, default_batch: int, weights: s
         image_size: input resolution (default: 224, or the pretraining size for synthetic data).
         arch: backbone architecture (default: from the checkpoint, else resnet50).
         small_stem: 3x3 stem for small images (default: from the checkpoint, else false).
-        workers: data-loading processes.
+        workers: data-loading processes (default: the machine's cores, at most 4).
         out: folder for results.json and results.md (default: runs/eval/DATASET-PROTOCOL).
         seed: seed of the first run.
         synthetic_images: number of generated training images of the synthetic task (test: half as many).

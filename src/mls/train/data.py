@@ -95,10 +95,10 @@ class PretrainData(L.LightningDataModule):
         self.dataset = SeededViews(TwoViewDataset(self.source, view), seed)
 
     def describe(self) -> dict:
-        """What the figures need to find the images again."""
+        """What the figures need to find the images again, and a fingerprint to recognise them by."""
         s = self.settings
         return {"data": s["data"], "annotations": s["annotations"], "num_images": len(self.source),
-                "image_size": s["image_size"], "seed": s["seed"]}
+                "image_size": s["image_size"], "seed": s["seed"], "fingerprint": self.source.fingerprint()}
 
     def labels(self) -> torch.Tensor | None:
         return self.source.multi_hot()

@@ -7,7 +7,10 @@ and in the checkpoint.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -20,8 +23,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-import mls
-from mls.checkpoint import atomic_save
+from mls.checkpoint import UnreadableCheckpoint, atomic_save, is_pretraining_checkpoint, read_checkpoint
+from mls.files import CheckpointNotWritten
 from mls.options import flat_options
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS, PretrainSettings
 from mls.train.data import PretrainData
@@ -36,34 +39,107 @@ _NOT_APPLICABLE = (
     r"`\.fit\(ckpt_path=None\)` was called without a model",
     r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint',
     r"You're resuming from a checkpoint that ended before the epoch ended",
+    # a resumed run writes into its own checkpoint folder (a fresh run into a full one is refused)
+    r"Checkpoint directory .* exists and is not empty",
+)
+# Warnings about Lightning's and torch's own code, which no setting of a run can act on:
+_INTERNAL = (
+    # torch 2.6+ asks callers of torch.load to choose weights_only; Lightning's checkpoint loading
+    # (checkpoints this run wrote itself, holding its optimiser and loop state) does not yet
+    (r".*weights_only.*", FutureWarning),
+    # Lightning's own pytree helper uses torch's deprecated LeafSpec check
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
 )
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip:" adverts for its cloud services (litlogger, litmodels) from a run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoTips())
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without ``v_num``, the logger's version folder, which says nothing about training."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary file that is renamed over the old one: a crash never leaves half a file."""
+    """Checkpoints go to a temporary file that is synced and renamed over the old one: a crash, a kill or
+    a full disk never leaves half a file, and a failed write stops the run with ``CheckpointNotWritten``."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        atomic_save(checkpoint, path)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as error:
+            raise CheckpointNotWritten(path, error) from error
+
+
+class InterruptedCheckpoint(OnExceptionCheckpoint):
+    """``interrupted.ckpt`` on a crash or a signal, except when writing a checkpoint is what failed:
+    another write would fail the same way and hide the first error."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, CheckpointNotWritten):
+            super().on_exception(trainer, pl_module, exception)
 
 
 def _progress(path: Path) -> tuple[int, float]:
     """(training step, modification time) of a checkpoint, read without loading its tensors."""
-    step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1)
+    ckpt = read_checkpoint(path, mmap=True)
+    step = ckpt.get("global_step", -1) if isinstance(ckpt, dict) else -1
     return step, path.stat().st_mtime
 
 
 def resolve_resume(resume: str | None, out: Path) -> str | None:
-    """``auto``: whichever of ``last.ckpt`` and ``interrupted.ckpt`` in ``out`` got furthest (none: start
-    afresh); else the path given. A run that failed before it restored its checkpoint writes an
-    ``interrupted.ckpt`` of step 0, which must not win over an older ``last.ckpt``."""
+    """``auto``: whichever of ``last.ckpt``, ``interrupted.ckpt`` and ``epochNNN.ckpt`` in ``out`` got
+    furthest (none: start afresh); else the path given. A run that failed before it restored its
+    checkpoint writes an ``interrupted.ckpt`` of step 0, which must not win over an older ``last.ckpt``.
+    A file that cannot be read (damaged by a full disk or a copy) is skipped, with one line saying so."""
     if resume is None:
         return None
     if resume == "auto":
-        found = [p for p in (out / CHECKPOINTS / "last.ckpt", out / CHECKPOINTS / f"{INTERRUPTED}.ckpt") if p.is_file()]
-        return str(max(found, key=_progress)) if found else None
+        folder = out / CHECKPOINTS
+        found = [p for p in (folder / "last.ckpt", folder / f"{INTERRUPTED}.ckpt") if p.is_file()]
+        found += sorted(folder.glob("epoch[0-9]*.ckpt"))
+        progress, skipped = {}, []
+        for path in found:
+            try:
+                progress[path] = _progress(path)
+            except UnreadableCheckpoint as error:
+                skipped.append(str(error))
+                rank_zero_info(f"--resume auto: skipping {error.path}: {error.reason}")
+        if found and not progress:
+            raise ValueError(f"--resume auto: none of the {len(found)} checkpoints in {folder} can be read "
+                             f"({skipped[0]}); resume from a copy with --resume PATH, or start anew with another --out")
+        return str(max(progress, key=progress.get)) if progress else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
     return resume
+
+
+def check_resumable(path: str, data: dict) -> None:
+    """Before Lightning starts: ``path`` must be a full training checkpoint of ``mls pretrain`` (not
+    exported weights), made on the same data (when its data fingerprint is known: not before mls 0.3)."""
+    ckpt = read_checkpoint(path, mmap=True)
+    if not is_pretraining_checkpoint(ckpt):
+        raise ValueError(f"--resume {path} is not a checkpoint of `mls pretrain` (no model hyper-parameters)")
+    if "optimizer_states" not in ckpt or "global_step" not in ckpt:
+        raise ValueError(f"--resume {path} holds the model but not the training state (optimiser, step) that "
+                         "resuming needs; start a new run, or export or evaluate it instead")
+    stored = (ckpt["hyper_parameters"].get("data") or {}).get("fingerprint")
+    if stored is not None and stored != data.get("fingerprint"):
+        raise ValueError(f"--resume {path} was pretrained on other data: {stored}, but this run's data is "
+                         f"{data.get('fingerprint')}; pass the same --data (or --num-images, --image-size and "
+                         "--seed of the built-in scenes), or start a new run with another --out")
 
 
 def check_settings(n_images: int, batch_size: int, world_size: int, queue_size: int) -> None:
@@ -104,8 +180,8 @@ def build_trainer(train, out: Path) -> L.Trainer:
         callbacks=[
             ModelCheckpoint(out / CHECKPOINTS, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
                             every_n_epochs=train.save_every, save_top_k=-1, save_last=True),
-            OnExceptionCheckpoint(out / CHECKPOINTS, filename=INTERRUPTED),
-            TQDMProgressBar(refresh_rate=max(1, train.log_every // 2)),
+            InterruptedCheckpoint(out / CHECKPOINTS, filename=INTERRUPTED),
+            ProgressBar(refresh_rate=max(1, train.log_every // 2)),
         ],
         # CSV: one version_N folder per (resumed) run, since Lightning's CSV writer starts its file anew
         logger=[TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv")],
@@ -144,6 +220,8 @@ def pretrain(out: str | None = None, resume: str | None = None,
     L.seed_everything(settings.train.seed, workers=True, verbose=False)
     data = build_data(settings)
     ckpt_path = resolve_resume(resume, out_dir)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, data.describe())
     written = sorted(p.name for p in (out_dir / CHECKPOINTS).glob("*.ckpt"))
     if written and ckpt_path is None:
         raise FileExistsError(f"{out_dir} already holds the checkpoints of a run ({', '.join(written[:4])}): "
@@ -154,11 +232,55 @@ def pretrain(out: str | None = None, resume: str | None = None,
     with warnings.catch_warnings():
         for message in _NOT_APPLICABLE:
             warnings.filterwarnings("ignore", message=message)
+        for message, category in _INTERNAL:
+            warnings.filterwarnings("ignore", message=message, category=category)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     last = out_dir / CHECKPOINTS / "last.ckpt"
-    rank_zero_info(f"checkpoint: {last}\nlogs: {trainer.loggers[1].log_dir}/metrics.csv and {out_dir / 'tensorboard'} "
-                   f"(mls plot {out_dir / 'csv'} --out curves.png; tensorboard --logdir {out_dir / 'tensorboard'})")
+    rank_zero_info(run_summary(trainer, settings, out_dir, last))
     return last
+
+
+def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
+    """The last epoch logged in a CSVLogger file and the mean of each ``train/`` quantity over its steps."""
+    if not metrics_csv.is_file():
+        return None, {}
+    with open(metrics_csv) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "")]
+    if not rows:
+        return None, {}
+    epoch = rows[-1]["epoch"]
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["epoch"] == epoch and row.get("train/images_per_sec"):  # a training step (not an epoch-end row)
+            for key, text in row.items():
+                if key.startswith("train/") and text not in ("", None) and not math.isnan(float(text)):
+                    values.setdefault(key[len("train/"):], []).append(float(text))
+    return int(epoch), {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path) -> str:
+    """What a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
+    precision, where the files are, and the commands that look at the result."""
+    epoch, means = last_epoch_means(Path(trainer.loggers[1].log_dir) / "metrics.csv")
+    lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
+    if means.get("loss") is not None:
+        terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
+        if "loss_extra" in means:
+            terms += f", extra {means['loss_extra']:.3f} at mean λ {means.get('extra_weight', float('nan')):.2f}"
+        terms += ")"
+        if "label_precision" in means:
+            terms += f", pseudo-label precision {means['label_precision']:.3f} (share of selected neighbours " \
+                     "sharing a class with their query)"
+        lines.append(f"epoch {epoch} on average: {terms}")
+    lines.append(f"logs: {trainer.loggers[1].log_dir}/metrics.csv and {out / 'tensorboard'}")
+    evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
+                else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
+    lines += ["next:",
+              f"  mls visualize neighbors --checkpoint {last} --out neighbors.png",
+              f"  {evaluate}",
+              f"  mls plot {out} --out curves.png",
+              f"  tensorboard --logdir {out / 'tensorboard'}"]
+    return "\n".join(lines)
 
 
 def _describe(f) -> str:

@@ -251,11 +251,20 @@ def check_indices(indices, size: int, what: str, data) -> None:
                          f"has only {size} images (0..{size - 1}); pass the --data the checkpoint was pretrained on")
 
 
+def check_same_data(stored: str | None, found: str, checkpoint: str, force: bool = False) -> None:
+    """Refuse data other than the checkpoint's (by their fingerprints), unless forced; checkpoints written
+    before fingerprints were recorded (mls 0.2) are not checked."""
+    if stored is not None and stored != found and not force:
+        raise ValueError(f"the data ({found}) is not the data set {checkpoint} was pretrained on ({stored}): "
+                         "the queue's image indices would point at other images; pass the checkpoint's "
+                         "--data, or --force to draw it anyway")
+
+
 def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: str | None = None,
               annotations: str | None = None, queries: int = 6, k: int = 10, seed: int = 0,
               query_index: list[int] | None = None, bank: Literal["queue", "dataset"] = "queue",
               bank_images: int | None = None, include_query_image: bool = False, image_size: int | None = None,
-              tile: int = 128) -> list[Query]:
+              tile: int = 128, force: bool = False) -> list[Query]:
     """Draw query crops (red) and their top-k neighbours in Q_g (yellow crops), one row per query.
 
     Args:
@@ -272,6 +281,7 @@ def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: s
         include_query_image: Also show entries cropped from the query image itself (they match trivially).
         image_size: Crop size fed to the backbone; default: the pretraining image size.
         tile: Size in pixels of each square panel of the figure.
+        force: Draw even when the data is not the data set the checkpoint was pretrained on.
     """
     from mls.checkpoint import load_pretrained
     from mls.data.sources import open_source
@@ -296,6 +306,7 @@ def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: s
     elif annotations is not None:
         data_args["annotations"] = annotations
     source = open_source(**data_args)
+    check_same_data(stored_data.get("fingerprint"), source.fingerprint(), checkpoint, force)
     if stored is not None:
         check_indices(stored.index.unique(), len(source), "the checkpoint's queue", data_args.get("data"))
     if query_index:
