@@ -1,4 +1,5 @@
 """``mls export``: the query backbone alone, loadable by torchvision, named as detectron2 expects."""
+import os
 import pickle
 
 import numpy as np
@@ -123,3 +124,12 @@ def test_clear_errors_and_no_partial_file(ckpt, tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "y.pth", fail)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_give_the_file_the_mode_of_a_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "out.txt", lambda tmp: open(tmp, "w").write("x"))
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as open() would have made it
+    finally:
+        os.umask(old)

@@ -47,6 +47,12 @@ def _fsync(path: str | os.PathLike, folder: bool = False) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_name)`` on a temporary file beside ``path``, sync it, then rename it into place.
 
@@ -61,6 +67,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         _fsync(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it a new file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
