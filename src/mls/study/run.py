@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from mls.checkpoint import backbone_info, load_pretrained
-from mls.data.sources import open_source
 from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
 from mls.eval.protocols import Task, knn, linear_probe
@@ -24,7 +23,7 @@ from mls.files import atomic_write
 from mls.study.grids import Budget, grid_cells, load_budget
 from mls.study.report import write_outputs
 from mls.train import pretrain
-from mls.viz.neighbors import DATA_KEYS, dataset_bank, precision, search
+from mls.viz.neighbors import checkpoint_data, dataset_bank, precision, search
 
 
 def cell_key(options: dict, seed: int) -> str:
@@ -37,11 +36,10 @@ def neighbour_precision(checkpoint: Path, budget: Budget, seed: int) -> float | 
     """Share of the top-k neighbours (one random crop of every pretraining image) that share a class with
     their query crop, as ``benchmarks/demo_precision.py`` measures it; ``None`` without labels."""
     model, info = load_pretrained(checkpoint)
-    stored = info.get("data") or {}
-    source = open_source(**{k: stored[k] for k in DATA_KEYS if k in stored})
+    source, data_args = checkpoint_data(info, str(checkpoint))
     if source.multi_hot() is None:
         return None
-    size = stored.get("image_size") or 224
+    size = data_args.get("image_size") or 224
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         queries = torch.randperm(len(source))[:budget.queries].tolist()

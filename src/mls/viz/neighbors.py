@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from mls.data.augment import MoCoV2View
+from mls.data.sources import open_source
 from mls.files import atomic_write, ensure_writable
 from mls.selection import cosine_similarity, topk_indices
 
@@ -260,6 +261,21 @@ def check_same_data(stored: str | None, found: str, checkpoint: str, force: bool
                          "--data, or --force to draw it anyway")
 
 
+def checkpoint_data(info: dict, checkpoint: str, data: str | None = None, annotations: str | None = None,
+                    force: bool = False) -> tuple[object, dict]:
+    """The images a checkpoint was pretrained on (or ``data``, if it is the same data set) and the arguments
+    of ``open_source`` that open them; other data than the checkpoint's is refused unless ``force``."""
+    stored = info.get("data") or {}
+    data_args = {key: stored[key] for key in DATA_KEYS if key in stored}
+    if data is not None:
+        data_args.update(data=data, annotations=annotations)
+    elif annotations is not None:
+        data_args["annotations"] = annotations
+    source = open_source(**data_args)
+    check_same_data(stored.get("fingerprint"), source.fingerprint(), checkpoint, force)
+    return source, data_args
+
+
 def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: str | None = None,
               annotations: str | None = None, queries: int = 6, k: int = 10, seed: int = 0,
               query_index: list[int] | None = None, bank: Literal["queue", "dataset"] = "queue",
@@ -284,7 +300,6 @@ def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: s
         force: Draw even when the data is not the data set the checkpoint was pretrained on.
     """
     from mls.checkpoint import load_pretrained
-    from mls.data.sources import open_source
 
     if checkpoint is None:
         raise ValueError("--checkpoint is required: the pretraining checkpoint whose queue is searched")
@@ -299,14 +314,7 @@ def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: s
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     model, info = load_pretrained(checkpoint)
     stored = queue_bank(model.queue) if bank == "queue" else None
-    stored_data = info.get("data") or {}
-    data_args = {key: stored_data[key] for key in DATA_KEYS if key in stored_data}
-    if data is not None:
-        data_args.update(data=data, annotations=annotations)
-    elif annotations is not None:
-        data_args["annotations"] = annotations
-    source = open_source(**data_args)
-    check_same_data(stored_data.get("fingerprint"), source.fingerprint(), checkpoint, force)
+    source, data_args = checkpoint_data(info, checkpoint, data, annotations, force)
     if stored is not None:
         check_indices(stored.index.unique(), len(source), "the checkpoint's queue", data_args.get("data"))
     if query_index:

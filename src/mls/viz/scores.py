@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mls.files import atomic_write, ensure_writable
 from mls.selection import cosine_similarity
-from mls.viz.neighbors import DATA_KEYS, Bank, check_indices, crop_view, embed_boxes
+from mls.viz.neighbors import Bank, check_indices, checkpoint_data, crop_view, embed_boxes
 
 NETWORKS = ("before", "after")
 KINDS = {"backbone": "backbone scores ĝ1·Q_gᵀ", "mlp": "MLP scores z1·Q_zᵀ"}
@@ -143,7 +143,6 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from mls.checkpoint import load_pretrained
-    from mls.data.sources import open_source
 
     if checkpoint is None:
         raise ValueError("--checkpoint is required: the pretraining checkpoint whose Q_g crops are scored")
@@ -160,13 +159,7 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
 
     model, info = load_pretrained(checkpoint)
     bank = stored_crops(model.queue)
-    stored_data = info.get("data") or {}
-    data_args = {key: stored_data[key] for key in DATA_KEYS if key in stored_data}
-    if data is not None:
-        data_args.update(data=data, annotations=annotations)
-    elif annotations is not None:
-        data_args["annotations"] = annotations
-    source = open_source(**data_args)
+    source, data_args = checkpoint_data(info, checkpoint, data, annotations)
     check_indices(bank.index.unique(), len(source), "the checkpoint's queue", data_args.get("data"))
     if query_index:
         check_indices(query_index, len(source), "--query-index", data_args.get("data"))
