@@ -256,3 +256,10 @@ def test_presets_record_their_views_and_resume_refuses_other_data(tmp_path):
     demo = read_checkpoint(pretrain(out=str(tmp_path / "demo"), epochs=1, max_steps=1, **TINY))["hyper_parameters"]
     assert demo["view"]["hue"] == 0.0 and demo["view"]["grayscale_p"] == 0.0
     assert demo["data"]["fingerprint"] == "built-in scenes: 48 of 32 px, seed 0"
+
+
+def test_an_impossible_queue_is_refused_before_lightning_prints_anything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mls.cli", "pretrain", *tiny_args(tmp_path, queue_size=48, epochs=1)],
+                          capture_output=True, text=True, env={**os.environ, "MLS_TRACEBACK": ""})
+    assert proc.returncode == 1 and proc.stderr.startswith("mls: error: ") and "queue_size" in proc.stderr
+    assert "GPU available" not in proc.stderr + proc.stdout

@@ -211,7 +211,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
     """Pretrain a backbone with MLS (or MoCo-v2) and write checkpoints and logs under OUT.
 
     Settings left out come from a preset: on the built-in scenes (no --data) the CPU demo's
-    (configs/demo_cpu.yaml: ResNet-18 at 64 px, 8 epochs, about 4 minutes on 2 cores), with
+    (configs/demo_cpu.yaml: ResNet-18 at 64 px, 8 epochs, a few minutes on 2 cores), with
     --data the main paper's (ResNet-50 at 224 px, D 4,096, λ 0.5, m 0.995, dz 256, MoCo-v2's views).
     Each option's help gives the paper's default and, where it differs, the demo's.
     """
@@ -226,6 +226,8 @@ def pretrain(out: str | None = None, resume: str | None = None,
     if written and ckpt_path is None:
         raise FileExistsError(f"{out_dir} already holds the checkpoints of a run ({', '.join(written[:4])}): "
                               "pass --resume auto to continue it, or choose another --out")
+    # before Lightning prints anything: what one process can already tell (build_module checks all ranks)
+    check_settings(len(data.source), settings.train.batch_size, 1, settings.model.queue_size)
     trainer = build_trainer(settings.train, out_dir)
     module = build_module(settings, data, trainer.world_size)
     rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}), writing to {out_dir}")
