@@ -8,11 +8,14 @@ The draws are torchvision's own calls in torchvision's order (``RandomApply``, `
 gets the same crop, flip and parameters on either path, whatever the number of workers.
 ``apply_appearance`` then applies them to the whole batch on its device with kornia's
 torchvision-compatible kernels, each sample its own factors and its own order of the four jitter
-steps, as torchvision's ``ColorJitter`` does (``torch.randperm(4)`` per image).
+steps, as torchvision's ``ColorJitter`` does (``torch.randperm(4)`` per image), without waiting for
+the device. The views match the CPU path's to about a grey level: its PIL jitter truncates to whole
+levels after each step, these kernels work in float.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import kornia
@@ -117,6 +120,16 @@ def _apply_to(x: torch.Tensor, index: torch.Tensor, fn) -> None:
         x.index_copy_(0, index, fn(x.index_select(0, index)))
 
 
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` (kernel ``blur_kernel_size``, reflected borders), one sigma per sample.
+
+    kornia's ``gaussian_blur2d`` itself, less its check that every sigma is positive, which reads a
+    device tensor back to the host and so waits for the device.
+    """
+    kernel = kornia.filters.get_gaussian_kernel1d(blur_kernel_size(x.shape[-1]), sigma[:, None])
+    return kornia.filters.filter2d_separable(x, kernel, kernel, border_type="reflect")
+
+
 @torch.no_grad()
 def apply_appearance(images: torch.Tensor, params: dict, normalize: bool = True) -> torch.Tensor:
     """MoCo-v2's appearance steps on a uint8 (B, 3, S, S) batch with each sample's drawn parameters.
@@ -138,12 +151,17 @@ def apply_appearance(images: torch.Tensor, params: dict, normalize: bool = True)
     gray = params["gray"].to(device)[:, None, None, None]
     x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
     blurred = params["blurred"].to(device)
-    kernel = blur_kernel_size(images.shape[-1])
     sigma = params["sigma"].to(device, torch.float32)
-    _apply_to(x, blurred, lambda sub: kornia.filters.gaussian_blur2d(
-        sub, kernel, sigma.index_select(0, blurred)[:, None].expand(-1, 2), border_type="reflect"))
+    _apply_to(x, blurred, lambda sub: _blur(sub, sigma.index_select(0, blurred)))
     if normalize:
-        mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+        mean, std = _imagenet_statistics(device)
         x = (x - mean) / std
     return x
+
+
+@lru_cache
+def _imagenet_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (3, 1, 1) tensors on ``device``, made once: a tensor made from a host list
+    on a GPU is a copy from pageable memory, which waits for all the work queued before it."""
+    return (torch.tensor(IMAGENET_MEAN, device=device)[:, None, None],
+            torch.tensor(IMAGENET_STD, device=device)[:, None, None])
