@@ -104,6 +104,7 @@ class PretrainData(L.LightningDataModule):
         self.source = open_source(data, annotations=annotations, num_images=num_images, image_size=image_size,
                                   seed=seed)
         view = view or MoCoV2View(size=image_size)
+        self._normalize = view.normalize
         if augment_on == "device":
             views = TwoViewDataset(self.source, WorkerView(view), tensors=True)
         else:
@@ -127,7 +128,7 @@ class PretrainData(L.LightningDataModule):
         """
         if self.settings["augment_on"] == "device":
             for n in (1, 2):
-                batch[f"view{n}"] = apply_appearance(batch[f"view{n}"], batch.pop(f"appearance{n}"))
+                batch[f"view{n}"] = apply_appearance(batch[f"view{n}"], batch.pop(f"appearance{n}"), self._normalize)
         return batch
 
     def train_dataloader(self) -> DataLoader:
