@@ -28,6 +28,8 @@ def build(args, method: str) -> tuple[MLS, torch.optim.Optimizer]:
                 queue_g_dtype=args.queue_g_dtype, **METHODS[method]).to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", None):  # as `mls pretrain --compile BACKEND`
+        model.compile_encoders(args.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
 
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--queue-g-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", default=None, help="torch.compile backend of the encoders (e.g. inductor)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()

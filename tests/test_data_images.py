@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mls.data.images import IMAGE_EXTENSIONS, ImageFolderSource, UnreadableImage, load_rgb
+from mls.data import images
+from mls.data.images import IMAGE_EXTENSIONS, ImageFolderSource, UnreadableImage, load_pixels, load_rgb
 from mls.data.sources import open_source
 from mls.data.synthetic import SyntheticScenes, write_coco
 
@@ -98,6 +99,63 @@ def test_corrupt_files_raise_unreadable_image(tmp_path):
         assert caught.value.path == str(tmp_path / name) and caught.value.reason
     copy = pickle.loads(pickle.dumps(caught.value))  # crosses data-loader worker processes intact
     assert isinstance(copy, UnreadableImage) and str(copy) == str(caught.value)
+
+
+@pytest.fixture
+def pil_calls(monkeypatch):
+    """The files that ``load_pixels`` hands to PIL."""
+    calls = []
+
+    def counted(path):
+        calls.append(path)
+        return load_rgb(path)
+
+    monkeypatch.setattr(images, "load_rgb", counted)
+    return calls
+
+
+def test_jpegs_are_decoded_without_pil_to_pils_pixels(tmp_path, pil_calls):
+    scene = SyntheticScenes(1, 48, seed=0).image(0).resize((64, 40))
+    scene.save(tmp_path / "rgb.jpg", quality=90)
+    scene.convert("L").save(tmp_path / "grey.jpeg")
+    for name in ("rgb.jpg", "grey.jpeg"):
+        pixels = load_pixels(tmp_path / name)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 40, 64)
+        want = torch.from_numpy(np.array(load_rgb(tmp_path / name))).permute(2, 0, 1).int()
+        # both use libjpeg-turbo; another libjpeg build may round its IDCT or upsampling differently: +-2
+        assert (pixels.int() - want).abs().max() <= 2
+    assert pil_calls == []
+    assert torch.equal(load_pixels(tmp_path / "grey.jpeg")[0], load_pixels(tmp_path / "grey.jpeg")[2])
+
+
+def test_what_the_fast_path_cannot_read_goes_through_pil(tmp_path, pil_calls):
+    ramp = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "sixteen.png")  # 16-bit: scaled, not clipped (load_rgb)
+    Image.fromarray(np.full((8, 8, 4), 60, np.uint8), "CMYK").save(tmp_path / "cmyk.jpg")
+    palette = Image.fromarray(np.array([[0, 1], [1, 2]], dtype=np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    palette.save(tmp_path / "palette.png")
+    palette.convert("RGB").save(tmp_path / "png_named.jpg", format="PNG")
+    names = ["sixteen.png", "cmyk.jpg", "palette.png", "png_named.jpg"]
+    for name in names:
+        want = torch.from_numpy(np.array(load_rgb(tmp_path / name))).permute(2, 0, 1)
+        assert torch.equal(load_pixels(tmp_path / name), want), name
+    assert [p.name for p in pil_calls] == names  # each handed to PIL by load_pixels
+
+
+def test_corrupt_jpegs_still_raise_unreadable_image(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "good.jpg", quality=90)
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "header_only.jpg").write_bytes(data[:2] + b"not a jpeg" * 10)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for name in ("truncated.jpg", "header_only.jpg", "empty.jpg", "missing.jpg"):
+        with pytest.raises(UnreadableImage, match=name) as caught:
+            load_pixels(tmp_path / name)
+        assert caught.value.path == str(tmp_path / name)
+    source = ImageFolderSource(tmp_path)
+    assert source.pixels(source.files.index("good.jpg")).shape == (3, 64, 64)
 
 
 def test_missing_or_empty_folder_is_explained(tmp_path):

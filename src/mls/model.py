@@ -65,6 +65,11 @@ class MLS(nn.Module):
         """(query, key) modules updated by momentum: backbone and MLP (supplement A.2)."""
         return [(self.backbone_q, self.backbone_k), (self.head_q, self.head_k)]
 
+    def compile_encoders(self, backend: str = "inductor") -> None:
+        """``torch.compile`` both encoders and heads in place: the state dict keeps its keys."""
+        for net in (self.backbone_q, self.head_q, self.backbone_k, self.head_k):
+            net.compile(backend=backend)
+
     @torch.no_grad()
     def momentum_update(self) -> None:
         """``θk ← m·θk + (1−m)·θq`` for every momentum pair."""

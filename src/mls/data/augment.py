@@ -67,7 +67,11 @@ class MoCoV2View:
         self.scale = scale
         self.ratio = ratio
         self.flip_p = flip_p
-        blur = v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma or blur_sigma_range(size))
+        # the appearance settings, also read by the device path (mls.data.device_views)
+        self.jitter_p, self.hue, self.grayscale_p, self.blur_p = jitter_p, hue, grayscale_p, blur_p
+        self.blur_sigma = tuple(blur_sigma or blur_sigma_range(size))
+        self.normalize = normalize
+        blur = v2.GaussianBlur(blur_kernel_size(size), sigma=self.blur_sigma)
         appearance = [  # jitter and grayscale are fastest on PIL images, the blur on float tensors
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, hue)], p=jitter_p),
             v2.RandomGrayscale(p=grayscale_p),
@@ -79,14 +83,19 @@ class MoCoV2View:
             appearance.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
         self.appearance = v2.Compose(appearance)
 
-    def __call__(self, img: Image.Image) -> View:
-        width, height = img.size
+    def crop_and_flip(self, img: Image.Image | torch.Tensor) -> tuple[Image.Image | torch.Tensor, torch.Tensor, bool]:
+        """The random-resized crop, maybe mirrored, of a PIL image or a uint8 (3, H, W) tensor; its box; the flip."""
+        height, width = F.get_size(img)
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         crop = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         flipped = bool(torch.rand(()) < self.flip_p)
         if flipped:
             crop = F.horizontal_flip(crop)
         box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+        return crop, box, flipped
+
+    def __call__(self, img: Image.Image) -> View:
+        crop, box, flipped = self.crop_and_flip(img)
         return View(self.appearance(crop).as_subclass(torch.Tensor), box, flipped)
 
 
@@ -118,12 +127,22 @@ class TwoViewDataset(Dataset):
     An unreadable file is replaced by the next index (wrapping around), up to ``max_skips`` times;
     ``failed`` counts the files skipped for this sample so that the training loop can sum and
     report them across workers and ranks, and ``index`` is the image actually used.
+
+    ``tensors=True`` reads each image as a uint8 tensor where the source can (``pixels``: the fast
+    JPEG path) for a transform that takes tensors; a view that carries ``appearance`` parameters
+    (drawn here, applied on the device) adds them to the sample as ``appearance1`` / ``appearance2``.
     """
 
-    def __init__(self, source, transform, max_skips: int = 16):
+    def __init__(self, source, transform, max_skips: int = 16, tensors: bool = False):
         self.source = source
         self.transform = transform
         self.max_skips = max_skips
+        self.tensors = tensors
+
+    def _read(self, index: int):
+        if self.tensors and hasattr(self.source, "pixels"):
+            return self.source.pixels(index)
+        return self.source.image(index)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -133,11 +152,17 @@ class TwoViewDataset(Dataset):
         for failed in range(min(self.max_skips, len(self.source) - 1) + 1):
             index = (i + failed) % len(self.source)
             try:
-                img = self.source.image(index)
+                img = self._read(index)
             except UnreadableImage as error:
                 failures.append(str(error))
                 continue
             view1, view2 = self.transform(img), self.transform(img)
-            return {"view1": view1.image, "view2": view2.image, "box2": view2.box, "index": index, "failed": failed}
+            sample = {
+                "view1": view1.image, "view2": view2.image, "box2": view2.box, "index": index, "failed": failed,
+            }
+            for n, view in ((1, view1), (2, view2)):
+                if getattr(view, "appearance", None) is not None:
+                    sample[f"appearance{n}"] = view.appearance
+            return sample
         raise RuntimeError(
             f"{len(failures)} consecutive unreadable images from index {i}; the last: {failures[-1]}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -56,6 +57,26 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise UnreadableImage(path, str(error) or type(error).__name__) from error
+
+
+def load_pixels(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as a uint8 (3, H, W) tensor: the same pixels as ``load_rgb``, faster for JPEGs.
+
+    8-bit RGB and grey JPEGs are decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo, as PIL's,
+    without the PIL image in between); every other file, and any JPEG it refuses (CMYK, 12-bit,
+    truncated, corrupt), goes through ``load_rgb``, which raises ``UnreadableImage`` for a bad file.
+    """
+    try:
+        data = read_file(str(path))
+        if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8:  # the JPEG start-of-image marker
+            pixels = decode_jpeg(data, mode=ImageReadMode.UNCHANGED)
+            if pixels.shape[0] == 3:
+                return pixels
+            if pixels.shape[0] == 1:
+                return pixels.expand(3, -1, -1).contiguous()
+    except RuntimeError:  # unreadable or undecodable here: PIL decides
+        pass
+    return torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).contiguous()
 
 
 def _scan_images(root: str) -> list[str]:
@@ -147,6 +168,10 @@ class ImageFolderSource:
     def image(self, i: int) -> Image.Image:
         """Image ``i`` as 8-bit RGB; ``UnreadableImage`` if the file cannot be decoded."""
         return load_rgb(self.path(i))
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image ``i`` as a uint8 (3, H, W) tensor (``load_pixels``); ``UnreadableImage`` if it cannot be decoded."""
+        return load_pixels(self.path(i))
 
     def labels(self, i: int) -> list[int] | None:
         """0-based class indices of image ``i``, or ``None`` without annotations."""

@@ -43,6 +43,13 @@ class TrainConfig:
         "32", "32, bf16-mixed or 16-mixed (losses, similarities and top-k stay in fp32)")
     sync_bn: bool = setting(False, "SyncBatchNorm in the query encoder across ranks")
     channels_last: bool = setting(False, "channels-last memory format (faster convolutions on recent GPUs)")
+    augment_on: Literal["auto", "cpu", "device"] = setting(
+        "auto", "where colour jitter, grayscale and blur are applied: cpu (in the data-loader workers, with PIL), "
+                "device (to each batch on the training device, with kornia; the workers only decode, crop and "
+                "flip), auto (device when training on a GPU, else cpu)")
+    compile: str | None = setting(None, "torch.compile both encoders and heads with this backend: inductor (the "
+                                        "generated kernels that make steps faster), or aot_eager to check that "
+                                        "the model traces; null: not compiled")
     save_every: int = setting(1, "write a checkpoint every this many epochs (last.ckpt is always written)")
     max_failed_share: float = setting(0.05, "stop when more than this share of an epoch's images are unreadable")
     log_every: int = setting(10, "log every this many steps")
@@ -56,6 +63,23 @@ class TrainConfig:
               f"and extra_ramp_epochs must be >= 0, got {self.extra_start_epoch} and {self.extra_ramp_epochs}")
         check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check_probability("max_failed_share", self.max_failed_share)
+        check(self.augment_on in ("auto", "cpu", "device"), "augment_on",
+              f"must be auto, cpu or device, got {self.augment_on!r}")
+        if self.compile is not None:
+            import torch
+
+            backends = torch.compiler.list_backends(exclude_tags=())
+            check(self.compile in backends, "compile", f"must be a torch.compile backend ({', '.join(backends)}), "
+                                                       f"got {self.compile!r}")
+
+    @property
+    def views_on(self) -> str:
+        """``augment_on`` with ``auto`` decided: the device where Lightning will train (a GPU if there is one)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        import torch
+
+        return "device" if torch.cuda.is_available() else "cpu"
 
     @property
     def loader_workers(self) -> int:

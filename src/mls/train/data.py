@@ -16,7 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mls.data.augment import MoCoV2View, TwoViewDataset
+from mls.data.device_views import WorkerView, apply_appearance, collate_views
 from mls.data.sources import open_source
+
+AUGMENT_ON = ("cpu", "device")
 
 
 class EpochSampler(DistributedSampler):
@@ -73,7 +76,13 @@ class SeededViews(Dataset):
 
 
 class PretrainData(L.LightningDataModule):
-    """Images from a folder (or the built-in synthetic scenes) as pairs of views (MoCo-v2's by default)."""
+    """Images from a folder (or the built-in synthetic scenes) as pairs of views (MoCo-v2's by default).
+
+    ``augment_on="device"``: the workers only decode, crop and flip, and send uint8 views with the
+    random parameters of the rest of ``view``, applied to the batch once it is on the training device
+    (``on_after_batch_transfer``, ``mls.data.device_views``); the views are the CPU path's, up to
+    rounding. Either way the training step receives normalised float views.
+    """
 
     def __init__(
         self,
@@ -85,14 +94,22 @@ class PretrainData(L.LightningDataModule):
         workers: int = 2,
         seed: int = 0,
         view: MoCoV2View | None = None,
+        augment_on: str = "cpu",
     ):
         super().__init__()
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
         self.settings = dict(data=data, annotations=annotations, image_size=image_size, batch_size=batch_size,
-                             workers=workers, seed=seed)
+                             workers=workers, seed=seed, augment_on=augment_on)
         self.source = open_source(data, annotations=annotations, num_images=num_images, image_size=image_size,
                                   seed=seed)
         view = view or MoCoV2View(size=image_size)
-        self.dataset = SeededViews(TwoViewDataset(self.source, view), seed)
+        self._normalize = view.normalize
+        if augment_on == "device":
+            views = TwoViewDataset(self.source, WorkerView(view), tensors=True)
+        else:
+            views = TwoViewDataset(self.source, view)
+        self.dataset = SeededViews(views, seed)
 
     def describe(self) -> dict:
         """What the figures need to find the images again, and a fingerprint to recognise them by."""
@@ -102,6 +119,17 @@ class PretrainData(L.LightningDataModule):
 
     def labels(self) -> torch.Tensor | None:
         return self.source.multi_hot()
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """With ``augment_on="device"``: colour jitter, grayscale, blur and normalisation of both views, here.
+
+        Here rather than in the module: the batch format and its completion stay in one place, and
+        Lightning warns on every fit when a module overrides this hook next to a data module.
+        """
+        if self.settings["augment_on"] == "device":
+            for n in (1, 2):
+                batch[f"view{n}"] = apply_appearance(batch[f"view{n}"], batch.pop(f"appearance{n}"), self._normalize)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -128,5 +156,8 @@ class PretrainData(L.LightningDataModule):
             drop_last=True,  # every rank pushes the same number of keys (MoCo)
             num_workers=workers,
             persistent_workers=workers > 0,
+            # pinned batches (uint8 views too) let Lightning's copy to the GPU, which passes
+            # non_blocking=True for every tensor, run asynchronously
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_views if self.settings["augment_on"] == "device" else None,
         )

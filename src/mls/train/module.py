@@ -65,6 +65,8 @@ class PretrainModule(L.LightningModule):
         self.train_config = train
         if train["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
+        if train.get("compile"):  # checkpoints with and without compile are interchangeable
+            self.model.compile_encoders(train["compile"])
         # the data set's multi-hot labels, on the model's device so that the precision costs no sync
         self.register_buffer("labels", None if labels is None else labels.bool(), persistent=False)
         self._last_step_time: float | None = None

@@ -158,7 +158,7 @@ def build_data(settings: PretrainSettings) -> PretrainData:
     """The images (a folder, or the built-in scenes) as seeded pairs of MoCo-v2 views."""
     t = settings.train
     return PretrainData(t.data, t.annotations, t.num_images, settings.view.image_size, t.batch_size,
-                        t.loader_workers, t.seed, settings.view.transform())
+                        t.loader_workers, t.seed, settings.view.transform(), augment_on=t.views_on)
 
 
 def build_trainer(train, out: Path) -> L.Trainer:
