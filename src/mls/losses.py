@@ -34,9 +34,15 @@ def infonce_from_logits(l_pos: Tensor, l_neg: Tensor, tau: float, valid: Tensor 
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
+def _scaled(logits: Tensor, tau: float, bias: Tensor | float = 0.0) -> Tensor:
+    """``p/τ + b`` in fp32, in one pass over N x D (two only when ``b`` is a tensor)."""
+    x = logits.float() * (1.0 / tau)
+    return x if isinstance(bias, float) and bias == 0.0 else x + bias
+
+
 def _binary_terms(logits: Tensor, tau: float, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """``log σ(p/τ + b)`` and ``log(1 − σ(p/τ + b))``, computed stably."""
-    x = logits.float() / tau + bias
+    x = _scaled(logits, tau, bias)
     return F.logsigmoid(x), F.logsigmoid(-x)
 
 
@@ -52,7 +58,7 @@ def bce(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None = None,
     negatives do).
     """
     mask = _valid_mask(logits, valid).float()
-    x, y = logits.float() / tau + bias, labels.float()
+    x, y = _scaled(logits, tau, bias), labels.float()
     if balanced:
         per_entry = F.binary_cross_entropy_with_logits(x, y, reduction="none")  # one fused pass over N x D
         pos, neg = y * mask, mask - y * mask
