@@ -121,3 +121,13 @@ def test_a_failed_atomic_write_leaves_the_previous_file_byte_identical(tmp_path,
     with pytest.raises(OSError, match="No space left"):
         atomic_save({"global_step": 2}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_save_every_zero_keeps_last_checkpoint_only_and_a_negative_value_is_refused(tmp_path):
+    """save_every 0 (what a study's cells use) writes last.ckpt at each epoch's end and no epochNNN.ckpt."""
+    out, small = tmp_path / "run", {**TINY, "num_images": 16, "queue_size": 12}  # 2 steps an epoch
+    pretrain(out=str(out), epochs=2, save_every=0, **small)
+    assert [p.name for p in finished_checkpoints(out)] == ["last.ckpt"]
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
+    with pytest.raises(ValueError, match="save_every"):
+        pretrain(out=str(tmp_path / "other"), save_every=-1, **small)

@@ -131,7 +131,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         print(f"[{number}/{len(todo)}] {variant}, seed {seed}: elapsed {elapsed / 60:.1f} min"
               + (f", about {left / 60:.0f} min left" if left is not None else ""), flush=True)
         run_dir = root / "cells" / f"{variant}-{key[:8]}"
-        checkpoint = pretrain(out=str(run_dir), resume="auto", seed=seed, **options)
+        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
+        checkpoint = pretrain(out=str(run_dir), resume="auto", seed=seed, **{"save_every": 0, **options})
         results["cells"][key] = {"variant": variant, "seed": seed, "options": cells[variant], "run": str(run_dir),
                                  "scores": score(checkpoint, plan, seed, test, workers),
                                  "final": _final_losses(run_dir)}

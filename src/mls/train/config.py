@@ -50,7 +50,8 @@ class TrainConfig:
     compile: str | None = setting(None, "torch.compile both encoders and heads with this backend: inductor (the "
                                         "generated kernels that make steps faster), or aot_eager to check that "
                                         "the model traces; null: not compiled")
-    save_every: int = setting(1, "write a checkpoint every this many epochs (last.ckpt is always written)")
+    save_every: int = setting(1, "keep a checkpoint epochNNN.ckpt every this many epochs; 0: none (last.ckpt is "
+                                  "always written)")
     max_failed_share: float = setting(0.05, "stop when more than this share of an epoch's images are unreadable")
     log_every: int = setting(10, "log every this many steps")
     seed: int = setting(0, "seed of weights, data order and augmentation")
@@ -62,6 +63,7 @@ class TrainConfig:
         check(self.extra_start_epoch >= 0 and self.extra_ramp_epochs >= 0, "extra_start_epoch",
               f"and extra_ramp_epochs must be >= 0, got {self.extra_start_epoch} and {self.extra_ramp_epochs}")
         check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only last.ckpt), got {self.save_every}")
         check_probability("max_failed_share", self.max_failed_share)
         check(self.augment_on in ("auto", "cpu", "device"), "augment_on",
               f"must be auto, cpu or device, got {self.augment_on!r}")
