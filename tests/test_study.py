@@ -10,6 +10,7 @@ from mls.cli import main
 from mls.study import BUDGETS, grid_cells
 from mls.study.grids import PAPER_K_OVER_D, scaled_k
 from mls.study.report import beyond_noise, summarise
+from mls.study.run import cell_key
 
 
 @pytest.mark.slow
@@ -106,9 +107,35 @@ def test_paired_differences_and_the_two_standard_error_rule():
 
     base, better = [70.0, 72.0, 71.0], [71.0, 73.5, 71.9]
     cells = {f"{v}{s}": cell(v, s, x) for v, xs in (("mocov2", base), ("mls", better)) for s, x in enumerate(xs)}
-    (_, row) = summarise({"cells": cells}, ["mocov2", "mls"])
+    cells["other"] = cell("mocov2", 0, 10.0)  # a cell of another budget in the same results.json: not this grid's
+    index = {v: {s: f"{v}{s}" for s in range(3)} for v in ("mocov2", "mls")}
+    (_, row) = summarise({"cells": cells}, index)
     diffs = [b - a for a, b in zip(base, better)]
     assert row["diff_val_map"] == pytest.approx(diffs)
     se = statistics.stdev(diffs) / math.sqrt(3)
     assert statistics.fmean(diffs) > 2 * se and beyond_noise(diffs) == "yes, better"
     assert beyond_noise([1.0, -0.5, 0.2]) == "no" and beyond_noise([0.3]) == "–"
+
+
+def test_a_cell_is_keyed_by_the_settings_it_resolves_to():
+    tiny = BUDGETS["tiny"].pretrain
+    same = [cell_key({**tiny, **overrides}, 0) for overrides in
+            ({}, {"mls_loss": "bce"}, {"select_from": "g", "logits_from": "z"}, {"log_every": 7})]  # defaults, written out
+    assert len(set(same)) == 1
+    others = [cell_key({**tiny, "epochs": 2}, 0), cell_key(tiny, 1), cell_key({**tiny, "mls_loss": "knn"}, 0),
+              cell_key({**tiny, "method": "mocov2"}, 0)]
+    assert len({same[0], *others}) == 5
+
+
+@pytest.mark.slow
+def test_variants_of_other_grids_with_the_same_settings_reuse_a_finished_cell(tmp_path, monkeypatch):
+    common = ["--seeds", "1", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0"]
+    main(["study", "--grid", "table6", "--only=[bce]", *common])
+    import mls.study.run as run
+
+    monkeypatch.setattr(run, "pretrain", lambda **kwargs: (_ for _ in ()).throw(AssertionError("ran again")))
+    main(["study", "--grid", "table7", "--only=[both_queues]", *common])  # both_queues is table6's bce
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["cells"]) == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "| both_queues | 1 |" in table and "| bce |" not in table and "| mocov2 | 1 |" in table

@@ -24,15 +24,17 @@ def _cell(values: list[float], digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}"
 
 
-def summarise(results: dict, variants: list[str]) -> list[dict]:
-    """Per variant: the scores of each seed, and the paired differences to MoCo-v2 of the same seed."""
-    by_variant: dict[str, dict[int, dict]] = {}
-    for cell in results["cells"].values():
-        by_variant.setdefault(cell["variant"], {})[cell["seed"]] = cell["scores"]
+def summarise(results: dict, index: dict[str, dict[int, str]]) -> list[dict]:
+    """Per variant: the scores of each seed, and the paired differences to MoCo-v2 of the same seed.
+
+    ``index`` maps each variant of the grid to its cells' keys by seed: results.json may hold other grids
+    and budgets, and one cell may serve several variants of the same settings.
+    """
+    by_variant = {variant: {seed: results["cells"][key]["scores"] for seed, key in keys.items()
+                            if key in results["cells"]} for variant, keys in index.items()}
     base = by_variant.get(BASELINE, {})
     rows = []
-    for variant in variants:
-        seeds = by_variant.get(variant, {})
+    for variant, seeds in by_variant.items():
         row = {"variant": variant, "seeds": sorted(seeds)}
         for name in SCORES:
             row[name] = [seeds[s][name] for s in sorted(seeds) if seeds[s].get(name) is not None]
@@ -53,8 +55,8 @@ def beyond_noise(diffs: list[float]) -> str:
     return "no"
 
 
-def markdown(results: dict, variants: list[str]) -> str:
-    rows = summarise(results, variants)
+def markdown(results: dict, variants: dict[str, dict], index: dict[str, dict[int, str]]) -> str:
+    rows = summarise(results, index)
     shown = [name for name in SCORES if any(row[name] for row in rows)]
     lines = [f"`{results['command']}`", "",
              "| variant | seeds | " + " | ".join(SCORES[n] for n in shown)
@@ -65,23 +67,22 @@ def markdown(results: dict, variants: list[str]) -> str:
         diff = "–" if row["variant"] == BASELINE else _cell(row["diff_val_map"])
         verdict = "–" if row["variant"] == BASELINE else beyond_noise(row["diff_val_map"])
         lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {diff} | {verdict} |")
-    options = {c["variant"]: c["options"] for c in results["cells"].values()}
     lines += ["", "Variants (options over the budget's settings):", ""]
-    lines += [f"- `{v}`: " + (", ".join(f"{k}={val}" for k, val in options.get(v, {}).items()) or "the budget's MLS")
-              for v in variants]
+    lines += [f"- `{v}`: " + (", ".join(f"{k}={val}" for k, val in options.items()) or "the budget's MLS")
+              for v, options in variants.items()]
     lines += ["", "mAP in %, mean ± std over pretraining seeds; Δ is each seed's difference to MoCo-v2 pretrained "
                   "with the same seed; 'beyond 2 SE': |mean Δ| > 2 std/√n."]
     return "\n".join(lines) + "\n"
 
 
-def figure(results: dict, variants: list[str], out: Path) -> None:
+def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     """Validation mAP per variant with error bars (std over seeds), neighbour precision beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summarise(results, variants) if r["val_map"]]
+    rows = [r for r in summarise(results, index) if r["val_map"]]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(rows), 3.6))
     for ax, name, label in ((axes[0], "val_map", "validation mAP (%)"), (axes[1], "precision", "neighbour precision")):
         stats = [_mean_std(r[name]) if r[name] else (float("nan"), 0) for r in rows]
@@ -100,10 +101,10 @@ def figure(results: dict, variants: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(root: Path, results: dict, variants: list[str]) -> str:
-    """Write results.md and results.png beside results.json; return the Markdown."""
-    table = markdown(results, variants)
+def write_outputs(root: Path, results: dict, variants: dict[str, dict], index: dict[str, dict[int, str]]) -> str:
+    """Write results.md and results.png (of the grid's variants) beside results.json; return the Markdown."""
+    table = markdown(results, variants, index)
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table))
-    if any(c["scores"].get("val_map") is not None for c in results["cells"].values()):
-        figure(results, variants, root / "results.png")
+    if any(r["val_map"] for r in summarise(results, index)):
+        figure(results, index, root / "results.png")
     return table

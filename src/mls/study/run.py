@@ -1,7 +1,8 @@
 """Running a study: every (variant, seed) cell pretrains through ``mls pretrain`` and is scored once.
 
-A cell's result is keyed by its settings and seed: a finished cell is never run again, and an
-interrupted one goes on from its checkpoint. Seeds vary the whole pretraining (weights, data order,
+A cell's result is keyed by its resolved settings and seed: a finished cell is never run again (also
+when another grid names the same settings differently, e.g. table6's ``bce`` and table7's
+``both_queues``), and an interrupted one goes on from its checkpoint. Seeds vary the whole pretraining (weights, data order,
 views, and the built-in scenes themselves), so the spread over seeds is the noise a difference is
 judged against.
 """
@@ -23,12 +24,20 @@ from mls.files import atomic_write
 from mls.study.grids import Budget, grid_cells, load_budget
 from mls.study.report import write_outputs
 from mls.train import pretrain
+from mls.train.config import PretrainSettings
 from mls.viz.neighbors import checkpoint_data, dataset_bank, precision, search
 
 
+BOOKKEEPING = ("save_every", "log_every")  # settings that do not change what a run learns
+
+
 def cell_key(options: dict, seed: int) -> str:
-    """A short stable name for a cell's settings and seed."""
-    text = json.dumps({"options": options, "seed": seed}, sort_keys=True, default=str)
+    """A short stable name for the settings a cell resolves to (every setting, defaults included) and its seed:
+    two ways of writing the same run share a key, and a run under other defaults does not."""
+    resolved = PretrainSettings.resolve({**options, "seed": seed})
+    settings = {f.name: getattr(group, f.name) for group in (resolved.model, resolved.view, resolved.train)
+                for f in dataclasses.fields(group) if f.name not in BOOKKEEPING}
+    text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -113,16 +122,24 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
 
     todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
-    started, done_here = time.monotonic(), 0
+    keys = {(variant, seed): cell_key({**plan.pretrain, "data": data, **cells[variant]}, seed) for seed, variant in todo}
+    index = {variant: {seed: keys[variant, seed] for seed in range(seeds)} for variant in cells}
+
+    def save() -> None:
+        atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+        write_outputs(root, results, cells, index)
+
+    started, done_here, rescored = time.monotonic(), 0, set()
     for number, (seed, variant) in enumerate(todo, start=1):
-        options = {**plan.pretrain, "data": data, **cells[variant]}
-        key = cell_key(options, seed)
+        options, key = {**plan.pretrain, "data": data, **cells[variant]}, keys[variant, seed]
         previous = results["cells"].get(key)
         if previous and rescore:
-            checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
-            print(f"[{number}/{len(todo)}] {variant}, seed {seed}: scoring {checkpoint} again", flush=True)
-            previous["scores"] = score(checkpoint, plan, seed, test or "test_map" in previous["scores"], workers)
-            atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+            if key not in rescored:
+                checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
+                print(f"[{number}/{len(todo)}] {variant}, seed {seed}: scoring {checkpoint} again", flush=True)
+                previous["scores"] = score(checkpoint, plan, seed, test or "test_map" in previous["scores"], workers)
+                rescored.add(key)
+                save()
             continue
         if previous and (not test or "test_map" in previous["scores"]):
             continue
@@ -133,12 +150,11 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         run_dir = root / "cells" / f"{variant}-{key[:8]}"
         # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
         checkpoint = pretrain(out=str(run_dir), resume="auto", seed=seed, **{"save_every": 0, **options})
-        results["cells"][key] = {"variant": variant, "seed": seed, "options": cells[variant], "run": str(run_dir),
-                                 "scores": score(checkpoint, plan, seed, test, workers),
+        results["cells"][key] = {"variant": variant, "seed": seed, "options": cells[variant], "settings": options,
+                                 "run": str(run_dir), "scores": score(checkpoint, plan, seed, test, workers),
                                  "final": _final_losses(run_dir)}
         done_here += 1
-        atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
-        write_outputs(root, results, list(cells))
-    table = write_outputs(root, results, list(cells))
+        save()
+    table = write_outputs(root, results, cells, index)
     print(table)
     return results
