@@ -125,6 +125,22 @@ def test_a_cell_is_keyed_by_the_settings_it_resolves_to():
     others = [cell_key({**tiny, "epochs": 2}, 0), cell_key(tiny, 1), cell_key({**tiny, "mls_loss": "knn"}, 0),
               cell_key({**tiny, "method": "mocov2"}, 0)]
     assert len({same[0], *others}) == 5
+    assert cell_key({**tiny, "workers": 3, "save_every": 0}, 0) == same[0]  # bookkeeping, not what is learnt
+
+
+def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monkeypatch):
+    import mls.study.run as run
+
+    tiny = {**BUDGETS["tiny"].pretrain, "data": None}
+    options = {"paper": grid_cells("table6", BUDGETS["tiny"])["paper"], "mocov2": {"method": "mocov2"}}
+    cells = {f"old{variant}": {"variant": variant, "seed": 0, "options": overrides, "settings": {**tiny, **overrides},
+                               "run": "r", "scores": {"val_map": 60.0 + len(variant)}}
+             for variant, overrides in options.items()}
+    (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
+    monkeypatch.setattr(run, "pretrain", lambda **kwargs: (_ for _ in ()).throw(AssertionError("ran again")))
+    main(["study", "--grid", "table6", "--only=[paper]", "--seeds", "1", "--budget", "tiny", "--out", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    assert "| paper | 1 | 65.0 | -1.0 | – |" in table and "| mocov2 | 1 | 66.0 | – | – |" in table
 
 
 @pytest.mark.slow

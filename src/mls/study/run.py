@@ -28,7 +28,8 @@ from mls.train.config import PretrainSettings
 from mls.viz.neighbors import checkpoint_data, dataset_bank, precision, search
 
 
-BOOKKEEPING = ("save_every", "log_every")  # settings that do not change what a run learns
+# settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
+BOOKKEEPING = ("save_every", "log_every", "workers")
 
 
 def cell_key(options: dict, seed: int) -> str:
@@ -37,8 +38,18 @@ def cell_key(options: dict, seed: int) -> str:
     resolved = PretrainSettings.resolve({**options, "seed": seed})
     settings = {f.name: getattr(group, f.name) for group in (resolved.model, resolved.view, resolved.train)
                 for f in dataclasses.fields(group) if f.name not in BOOKKEEPING}
+    settings["augment_on"] = resolved.train.views_on  # auto is cpu here and device on a GPU machine
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def load_results(path: Path) -> dict:
+    """results.json with every cell under the key of its settings as this version computes it, so that a
+    change to what a key covers never runs a finished cell again."""
+    results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    results["cells"] = {cell_key(c["settings"], c["seed"]) if "settings" in c else key: c
+                        for key, c in results["cells"].items()}
+    return results
 
 
 def neighbour_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
@@ -116,7 +127,7 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     results_path = root / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"cells": {}}
+    results = load_results(results_path)
     command = f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
         (f" --only '[{','.join(only)}]'" if only else "") + (" --test" if test else "")
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
