@@ -80,3 +80,13 @@ def test_transfer_configs_hold_the_papers_schedules(name, command, head, iters, 
         assert cfg.train_sizes == list(range(640 if cfg.format == "coco" else 480, 801, 32))
     else:  # mmseg pspnet_r50-d8_4xb2-40k_cityscapes-769x769
         assert (cfg.batch_size, cfg.lr, cfg.crop_size, cfg.inference, cfg.stride) == (8, 0.01, 769, "slide", 513)
+
+
+def test_the_study_finalists_grid_holds_valid_variants_that_are_not_the_demo_twice():
+    from mls.study import BUDGETS, grid_cells
+    from mls.study.run import cell_key
+
+    cells = grid_cells(str(CONFIGS / "study_finalists.yaml"), BUDGETS["long"])
+    assert list(cells)[:2] == ["mocov2", "paper"] and len(cells) >= 4
+    keys = {cell_key({**BUDGETS["long"].pretrain, **options}, 0) for options in cells.values()}
+    assert len(keys) == len(cells)  # every variant is a run of its own
