@@ -76,26 +76,36 @@ def markdown(results: dict, variants: dict[str, dict], index: dict[str, dict[int
 
 
 def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
-    """Validation mAP per variant with error bars (std over seeds), neighbour precision beside it."""
+    """Three panels per variant: the paired difference of validation mAP to MoCo-v2 (bars: two standard
+    errors, so a bar clear of zero is a difference beyond noise), then validation mAP and neighbour
+    precision (bars: std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in summarise(results, index) if r["val_map"]]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(rows), 3.6))
-    for ax, name, label in ((axes[0], "val_map", "validation mAP (%)"), (axes[1], "precision", "neighbour precision")):
-        stats = [_mean_std(r[name]) if r[name] else (float("nan"), 0) for r in rows]
-        ax.errorbar(range(len(rows)), [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
+    fig, axes = plt.subplots(1, 3, figsize=(5 + 1.5 * len(rows), 3.6))
+    ticks = range(len(rows)), [r["variant"] for r in rows]
+    diffs = [_mean_std(r["diff_val_map"]) if r["variant"] != BASELINE and r["diff_val_map"] else (math.nan, 0.0)
+             for r in rows]
+    two_se = [0.0 if math.isnan(s) else 2 * s / math.sqrt(len(r["diff_val_map"])) for r, (_, s) in zip(rows, diffs)]
+    axes[0].errorbar(ticks[0], [m for m, _ in diffs], yerr=two_se, fmt="o", capsize=4, color="tab:red")
+    axes[0].axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    axes[0].set_ylabel("Δ val mAP vs MoCo-v2, same seed")
+    for ax, name, label in ((axes[1], "val_map", "validation mAP (%)"), (axes[2], "precision", "neighbour precision")):
+        stats = [_mean_std(r[name]) if r[name] else (math.nan, 0) for r in rows]
+        ax.errorbar(ticks[0], [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
                     fmt="o", capsize=4, color="tab:blue")
         base = next((m for r, (m, _) in zip(rows, stats) if r["variant"] == BASELINE), None)
         if base is not None and not math.isnan(base):
             ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="MoCo-v2")
             ax.legend(loc="best", fontsize=8)
-        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(label)
+    for ax in axes:
+        ax.set_xticks(*ticks, rotation=35, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(results["command"], fontsize=9)
+    fig.suptitle(f"{results['command']}   (bars: 2 SE of the paired Δ; std over seeds)", fontsize=9)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
