@@ -84,9 +84,13 @@ def test_transfer_configs_hold_the_papers_schedules(name, command, head, iters, 
 
 def test_the_study_finalists_grid_holds_valid_variants_that_are_not_the_demo_twice():
     from mls.study import BUDGETS, grid_cells
+    from mls.study.grids import load_budget
     from mls.study.run import cell_key
 
     cells = grid_cells(str(CONFIGS / "study_finalists.yaml"), BUDGETS["long"])
     assert list(cells)[:2] == ["mocov2", "paper"] and len(cells) >= 4
     keys = {cell_key({**BUDGETS["long"].pretrain, **options}, 0) for options in cells.values()}
     assert len(keys) == len(cells)  # every variant is a run of its own
+    gpu = load_budget(str(CONFIGS / "study_long_gpu.yaml"))
+    assert gpu.pretrain["epochs"] == BUDGETS["long"].pretrain["epochs"]
+    assert cell_key({**gpu.pretrain, "augment_on": "cpu"}, 0) == cell_key(BUDGETS["long"].pretrain, 0)  # workers aside
