@@ -2,9 +2,9 @@
 
 A cell's result is keyed by its resolved settings and seed: a finished cell is never run again (also
 when another grid names the same settings differently, e.g. table6's ``bce`` and table7's
-``both_queues``), and an interrupted one goes on from its checkpoint. Seeds vary the whole pretraining (weights, data order,
-views, and the built-in scenes themselves), so the spread over seeds is the noise a difference is
-judged against.
+``both_queues``), and an interrupted one goes on from its checkpoint. Seeds vary the whole
+pretraining (weights, data order, views, and the built-in scenes themselves), so the spread over
+seeds is the noise a difference is judged against.
 """
 from __future__ import annotations
 
