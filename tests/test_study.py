@@ -120,7 +120,7 @@ def test_paired_differences_and_the_two_standard_error_rule():
 def test_a_cell_is_keyed_by_the_settings_it_resolves_to():
     tiny = BUDGETS["tiny"].pretrain
     same = [cell_key({**tiny, **overrides}, 0) for overrides in
-            ({}, {"mls_loss": "bce"}, {"select_from": "g", "logits_from": "z"}, {"log_every": 7})]  # defaults, written out
+            ({}, {"mls_loss": "bce"}, {"select_from": "g", "logits_from": "z"}, {"log_every": 7})]  # defaults
     assert len(set(same)) == 1
     others = [cell_key({**tiny, "epochs": 2}, 0), cell_key(tiny, 1), cell_key({**tiny, "mls_loss": "knn"}, 0),
               cell_key({**tiny, "method": "mocov2"}, 0)]

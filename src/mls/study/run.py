@@ -133,7 +133,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
 
     todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
-    keys = {(variant, seed): cell_key({**plan.pretrain, "data": data, **cells[variant]}, seed) for seed, variant in todo}
+    keys = {(variant, seed): cell_key({**plan.pretrain, "data": data, **cells[variant]}, seed)
+            for seed, variant in todo}
     index = {variant: {seed: keys[variant, seed] for seed in range(seeds)} for variant in cells}
 
     def save() -> None:
