@@ -136,11 +136,14 @@ def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monke
     cells = {f"old{variant}": {"variant": variant, "seed": 0, "options": overrides, "settings": {**tiny, **overrides},
                                "run": "r", "scores": {"val_map": 60.0 + len(variant)}}
              for variant, overrides in options.items()}
+    cells["gone"] = {"variant": "gone", "seed": 0, "options": {}, "settings": {"no_such_setting": 1}, "run": "r",
+                     "scores": {"val_map": 1.0}}  # an option a later version dropped: kept, not fatal
     (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
     monkeypatch.setattr(run, "pretrain", lambda **kwargs: (_ for _ in ()).throw(AssertionError("ran again")))
     main(["study", "--grid", "table6", "--only=[paper]", "--seeds", "1", "--budget", "tiny", "--out", str(tmp_path)])
     table = (tmp_path / "results.md").read_text()
     assert "| paper | 1 | 65.0 | -1.0 | – |" in table and "| mocov2 | 1 | 66.0 | – | – |" in table
+    assert "gone" in json.loads((tmp_path / "results.json").read_text())["cells"]
 
 
 @pytest.mark.slow

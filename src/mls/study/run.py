@@ -47,8 +47,14 @@ def load_results(path: Path) -> dict:
     """results.json with every cell under the key of its settings as this version computes it, so that a
     change to what a key covers never runs a finished cell again."""
     results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
-    results["cells"] = {cell_key(c["settings"], c["seed"]) if "settings" in c else key: c
-                        for key, c in results["cells"].items()}
+
+    def current_key(key: str, cell: dict) -> str:
+        try:
+            return cell_key(cell["settings"], cell["seed"]) if "settings" in cell else key
+        except ValueError:  # settings this version no longer has: the cell stays, under its stored key
+            return key
+
+    results["cells"] = {current_key(key, c): c for key, c in results["cells"].items()}
     return results
 
 
