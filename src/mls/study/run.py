@@ -36,8 +36,7 @@ def cell_key(options: dict, seed: int) -> str:
     """A short stable name for the settings a cell resolves to (every setting, defaults included) and its seed:
     two ways of writing the same run share a key, and a run under other defaults does not."""
     resolved = PretrainSettings.resolve({**options, "seed": seed})
-    settings = {f.name: getattr(group, f.name) for group in (resolved.model, resolved.view, resolved.train)
-                for f in dataclasses.fields(group) if f.name not in BOOKKEEPING}
+    settings = {name: value for name, value in resolved.values().items() if name not in BOOKKEEPING}
     settings["augment_on"] = resolved.train.views_on  # auto is cpu here and device on a GPU machine
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -139,9 +138,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
 
     todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
-    keys = {(variant, seed): cell_key({**plan.pretrain, "data": data, **cells[variant]}, seed)
-            for seed, variant in todo}
-    index = {variant: {seed: keys[variant, seed] for seed in range(seeds)} for variant in cells}
+    index = {variant: {seed: cell_key({**plan.pretrain, "data": data, **options}, seed) for seed in range(seeds)}
+             for variant, options in cells.items()}
 
     def save() -> None:
         atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
@@ -149,7 +147,7 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
 
     started, done_here, rescored = time.monotonic(), 0, set()
     for number, (seed, variant) in enumerate(todo, start=1):
-        options, key = {**plan.pretrain, "data": data, **cells[variant]}, keys[variant, seed]
+        options, key = {**plan.pretrain, "data": data, **cells[variant]}, index[variant][seed]
         previous = results["cells"].get(key)
         if previous and rescore:
             if key not in rescored:

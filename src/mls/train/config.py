@@ -135,7 +135,7 @@ class PretrainSettings:
         check(not unknown, "options", f"unknown settings {sorted(unknown)}")
         return cls(*(from_dict(group, values, renamed={}) for group in SETTINGS), preset)
 
-    def given(self) -> dict:
-        """Every setting that differs from its default, by name: what a run's log line shows."""
+    def values(self) -> dict:
+        """Every setting by name, defaults included."""
         return {f.name: getattr(group, f.name) for group in (self.model, self.view, self.train)
-                for f in dataclasses.fields(group) if getattr(group, f.name) != f.default}
+                for f in dataclasses.fields(group)}
