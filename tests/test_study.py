@@ -158,3 +158,20 @@ def test_variants_of_other_grids_with_the_same_settings_reuse_a_finished_cell(tm
     assert len(results["cells"]) == 2
     table = (tmp_path / "results.md").read_text()
     assert "| both_queues | 1 |" in table and "| bce |" not in table and "| mocov2 | 1 |" in table
+
+
+def test_progress_counts_only_the_cells_left_to_pretrain(tmp_path, monkeypatch, capsys):
+    import mls.study.run as run
+
+    pretrained = []
+    monkeypatch.setattr(run, "pretrain", lambda **kwargs: pretrained.append(kwargs["out"]) or tmp_path / "last.ckpt")
+    monkeypatch.setattr(run, "score", lambda *a, **k: {"val_map": 50.0, "precision": 0.5})
+    monkeypatch.setattr(run, "_final_losses", lambda run_dir: {})
+    common = ["--seeds", "1", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0"]
+    main(["study", "--grid", "table6", "--only=[bce]", *common])  # MoCo-v2 and bce: two cells
+    capsys.readouterr()
+    main(["study", "--grid", "table6", *common])  # five variants, two of them finished: three to run
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(pretrained) == 5
+    assert [line.split(": ")[1].split(",")[0] for line in lines] == ["run 1 of 3", "run 2 of 3", "run 3 of 3"]
+    assert "min left" not in lines[0] and all("min left" in line for line in lines[1:])

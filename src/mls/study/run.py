@@ -145,6 +145,12 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
         write_outputs(root, results, cells, index)
 
+    def finished(key: str) -> bool:
+        previous = results["cells"].get(key)
+        return bool(previous) and (not test or "test_map" in previous["scores"])
+
+    # the cells this call pretrains: variants of equal settings share one, finished ones are skipped
+    to_run = {index[variant][seed] for seed, variant in todo if not finished(index[variant][seed])}
     started, done_here, rescored = time.monotonic(), 0, set()
     for number, (seed, variant) in enumerate(todo, start=1):
         options, key = {**plan.pretrain, "data": data, **cells[variant]}, index[variant][seed]
@@ -157,12 +163,13 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
                 rescored.add(key)
                 save()
             continue
-        if previous and (not test or "test_map" in previous["scores"]):
+        if finished(key):
             continue
         elapsed = time.monotonic() - started
-        left = elapsed / done_here * (len(todo) - number + 1) if done_here else None
-        print(f"[{number}/{len(todo)}] {variant}, seed {seed}: elapsed {elapsed / 60:.1f} min"
-              + (f", about {left / 60:.0f} min left" if left is not None else ""), flush=True)
+        left = elapsed / done_here * (len(to_run) - done_here) if done_here else None
+        print(f"[{number}/{len(todo)}] {variant}, seed {seed}: run {done_here + 1} of {len(to_run)}, "
+              f"elapsed {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left is not None else ""),
+              flush=True)
         run_dir = root / "cells" / f"{variant}-{key[:8]}"
         # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
         checkpoint = pretrain(out=str(run_dir), resume="auto", seed=seed, **{"save_every": 0, **options})
