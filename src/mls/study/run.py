@@ -149,8 +149,11 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         previous = results["cells"].get(key)
         return bool(previous) and (not test or "test_map" in previous["scores"])
 
-    # the cells this call pretrains: variants of equal settings share one, finished ones are skipped
-    to_run = {index[variant][seed] for seed, variant in todo if not finished(index[variant][seed])}
+    def skipped(key: str) -> bool:  # finished, or scored again from its checkpoint under --rescore
+        return finished(key) or (rescore and key in results["cells"])
+
+    # the cells this call pretrains: variants of equal settings share one
+    to_run = {index[variant][seed] for seed, variant in todo if not skipped(index[variant][seed])}
     started, done_here, rescored = time.monotonic(), 0, set()
     for number, (seed, variant) in enumerate(todo, start=1):
         options, key = {**plan.pretrain, "data": data, **cells[variant]}, index[variant][seed]
