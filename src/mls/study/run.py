@@ -138,8 +138,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
 
     todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
-    index = {variant: {seed: cell_key({**plan.pretrain, "data": data, **options}, seed) for seed in range(seeds)}
-             for variant, options in cells.items()}
+    settings = {variant: {**plan.pretrain, "data": data, **options} for variant, options in cells.items()}
+    index = {variant: {seed: cell_key(settings[variant], seed) for seed in range(seeds)} for variant in cells}
 
     def save() -> None:
         atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
@@ -156,7 +156,7 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     to_run = {index[variant][seed] for seed, variant in todo if not skipped(index[variant][seed])}
     started, done_here, rescored = time.monotonic(), 0, set()
     for number, (seed, variant) in enumerate(todo, start=1):
-        options, key = {**plan.pretrain, "data": data, **cells[variant]}, index[variant][seed]
+        options, key = settings[variant], index[variant][seed]
         previous = results["cells"].get(key)
         if previous and rescore:
             if key not in rescored:
