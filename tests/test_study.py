@@ -9,7 +9,7 @@ from PIL import Image
 from mls.cli import main
 from mls.study import BUDGETS, grid_cells
 from mls.study.grids import PAPER_K_OVER_D, scaled_k
-from mls.study.report import beyond_noise, summarise
+from mls.study.report import beyond_noise, markdown, summarise
 from mls.study.run import cell_key
 
 
@@ -88,6 +88,10 @@ def test_grids_hold_the_baseline_and_the_papers_setting_with_k_scaled_to_the_que
         [round(ratio * 2000 * f) for f in (0.25, 1, 4, 16)]
     assert all(c["topk"] == max(1, round(PAPER_K_OVER_D * c["queue_size"])) for k, c in queue.items()
                if k.startswith("D"))
+    # each D has its MoCo-v2 at the same D (InfoNCE's queue is D long too), kept by --only with its D
+    assert all(queue[f"mocov2_{k}"] == {"method": "mocov2", "queue_size": c["queue_size"], "topk": c["topk"]}
+               for k, c in queue.items() if k.startswith("D"))
+    assert list(grid_cells("queue", demo, only=["D69"])) == ["mocov2", "D69", "mocov2_D69"]
     assert scaled_k(4096) == 20
 
 
@@ -115,6 +119,19 @@ def test_paired_differences_and_the_two_standard_error_rule():
     se = statistics.stdev(diffs) / math.sqrt(3)
     assert statistics.fmean(diffs) > 2 * se and beyond_noise(diffs) == "yes, better"
     assert beyond_noise([1.0, -0.5, 0.2]) == "no" and beyond_noise([0.3]) == "–"
+
+
+def test_a_variant_with_its_own_mocov2_control_is_paired_with_it():
+    scores = {"mocov2": [70.0, 72.0], "D8": [66.0, 69.5], "mocov2_D8": [65.0, 67.0], "k5": [71.0, 71.0]}
+    cells = {f"{v}{s}": {"variant": v, "seed": s, "options": {}, "scores": {"val_map": x}}
+             for v, xs in scores.items() for s, x in enumerate(xs)}
+    index = {v: {s: f"{v}{s}" for s in range(2)} for v in scores}
+    rows = {row["variant"]: row for row in summarise({"cells": cells, "command": "mls study"}, index)}
+    assert rows["D8"]["diff_val_map"] == pytest.approx([66.0 - 65.0, 69.5 - 67.0])  # MoCo-v2 at the same D
+    assert rows["mocov2_D8"]["diff_val_map"] == pytest.approx([65.0 - 70.0, 67.0 - 72.0])  # the control vs mocov2
+    assert rows["k5"]["diff_val_map"] == pytest.approx([1.0, -1.0])  # no control of its own: mocov2
+    table = markdown({"cells": cells, "command": "mls study"}, {v: {} for v in scores}, index)
+    assert "| D8 | 2 |" in table and "| 1.8 ± 1.1 |" in table and "`D8` to `mocov2_D8`" in table
 
 
 def test_a_cell_is_keyed_by_the_settings_it_resolves_to():

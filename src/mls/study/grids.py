@@ -73,7 +73,11 @@ def _table8(s: PretrainSettings) -> dict[str, dict]:
 
 
 def _queue(s: PretrainSettings) -> dict[str, dict]:
-    """Fig. 5a: D at 1/4 to 16x the paper's ratio of queue to data set, below the number of images."""
+    """Fig. 5a: D at 1/4 to 16x the paper's ratio of queue to data set, below the number of images.
+
+    D is also the length of InfoNCE's queue of negatives, so each D gets its MoCo-v2 control
+    (``mocov2_D<d>``, the reference of its paired differences): MLS against MoCo-v2 at the same D.
+    """
     n = s.train.num_images if s.train.data is None else None
     if n is None:
         from mls.data.sources import open_source
@@ -83,7 +87,9 @@ def _queue(s: PretrainSettings) -> dict[str, dict]:
     for factor in (0.25, 1, 4, 16):
         d = round(PAPER_D_OVER_N * n * factor)
         if 2 <= d < n:
-            cells[f"D{d}"] = {"queue_size": d, "topk": min(scaled_k(d), d - 1)}
+            k = min(scaled_k(d), d - 1)  # MoCo-v2 logs the precision of its own top-k in Q_z
+            cells[f"D{d}"] = {"queue_size": d, "topk": k}
+            cells[f"mocov2_D{d}"] = {"method": "mocov2", "queue_size": d, "topk": k}
     return cells
 
 
@@ -112,7 +118,8 @@ GRIDS = {"table6": _table6, "table7": _table7, "table8": _table8, "queue": _queu
 def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[str] | None = None) -> dict[str, dict]:
     """Variant name -> overrides of ``pretrain`` for a named grid, or for a YAML file (name -> overrides).
 
-    The MoCo-v2 baseline and the paper's setting come first in every grid; ``only`` keeps the named variants.
+    The MoCo-v2 baseline and the paper's setting come first in every grid; ``only`` keeps the named variants
+    (and their MoCo-v2 controls, ``mocov2_<name>``, where the grid has them).
     """
     settings = PretrainSettings.resolve({**budget.pretrain, "data": data})
     if name in GRIDS:
@@ -128,7 +135,8 @@ def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[st
         unknown = sorted(set(only) - set(cells))
         if unknown:
             raise ValueError(f"--only names {unknown}, not variants of {name}: {', '.join(cells)}")
-        cells = {k: v for k, v in cells.items() if k in only or k == "mocov2"}
+        kept = {"mocov2", *only, *(f"mocov2_{name}" for name in only)}  # with each one's own MoCo-v2 control
+        cells = {k: v for k, v in cells.items() if k in kept}
     for variant, overrides in cells.items():  # every cell must make a valid run: refuse it now, not hours later
         PretrainSettings.resolve({**budget.pretrain, "data": data, **overrides})
     return cells

@@ -24,18 +24,26 @@ def _cell(values: list[float], digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}"
 
 
+def reference(variant: str, variants) -> str:
+    """The MoCo-v2 a variant is paired with: ``mocov2_<variant>`` where the grid has one (a control with the
+    variant's own MoCo-side settings, such as the queue grid's MoCo-v2 at the same D), else ``mocov2``."""
+    control = f"{BASELINE}_{variant}"
+    return control if control in variants else BASELINE
+
+
 def summarise(results: dict, index: dict[str, dict[int, str]]) -> list[dict]:
-    """Per variant: the scores of each seed, and the paired differences to MoCo-v2 of the same seed.
+    """Per variant: the scores of each seed, and the paired differences to its MoCo-v2 (``reference``) of
+    the same seed.
 
     ``index`` maps each variant of the grid to its cells' keys by seed: results.json may hold other grids
     and budgets, and one cell may serve several variants of the same settings.
     """
     by_variant = {variant: {seed: results["cells"][key]["scores"] for seed, key in keys.items()
                             if key in results["cells"]} for variant, keys in index.items()}
-    base = by_variant.get(BASELINE, {})
     rows = []
     for variant, seeds in by_variant.items():
-        row = {"variant": variant, "seeds": sorted(seeds)}
+        base = by_variant.get(reference(variant, index), {})
+        row = {"variant": variant, "reference": reference(variant, index), "seeds": sorted(seeds)}
         for name in SCORES:
             row[name] = [seeds[s][name] for s in sorted(seeds) if seeds[s].get(name) is not None]
             row[f"diff_{name}"] = [seeds[s][name] - base[s][name] for s in sorted(seeds)
@@ -70,8 +78,10 @@ def markdown(results: dict, variants: dict[str, dict], index: dict[str, dict[int
     lines += ["", "Variants (options over the budget's settings):", ""]
     lines += [f"- `{v}`: " + (", ".join(f"{k}={val}" for k, val in options.items()) or "the budget's MLS")
               for v, options in variants.items()]
+    controls = [f"`{row['variant']}` to `{row['reference']}`" for row in rows if row["reference"] != BASELINE]
     lines += ["", "mAP in %, mean ± std over pretraining seeds; Δ is each seed's difference to MoCo-v2 pretrained "
-                  "with the same seed; 'beyond 2 SE': |mean Δ| > 2 std/√n."]
+                  "with the same seed" + (f" (to its own control: {', '.join(controls)})" if controls else "")
+              + "; 'beyond 2 SE': |mean Δ| > 2 std/√n."]
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +102,7 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     two_se = [0.0 if math.isnan(s) else 2 * s / math.sqrt(len(r["diff_val_map"])) for r, (_, s) in zip(rows, diffs)]
     axes[0].errorbar(ticks[0], [m for m, _ in diffs], yerr=two_se, fmt="o", capsize=4, color="tab:red")
     axes[0].axhline(0.0, color="grey", linestyle="--", linewidth=1)
-    axes[0].set_ylabel("Δ val mAP vs MoCo-v2, same seed")
+    axes[0].set_ylabel("Δ val mAP vs its MoCo-v2, same seed")
     for ax, name, label in ((axes[1], "val_map", "validation mAP (%)"), (axes[2], "precision", "neighbour precision")):
         stats = [_mean_std(r[name]) if r[name] else (math.nan, 0) for r in rows]
         ax.errorbar(ticks[0], [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
