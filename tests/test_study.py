@@ -9,7 +9,7 @@ from PIL import Image
 from mls.cli import main
 from mls.study import BUDGETS, grid_cells
 from mls.study.grids import PAPER_K_OVER_D, scaled_k
-from mls.study.report import beyond_noise, markdown, summarise
+from mls.study.report import beyond_noise, markdown, summarise, write_outputs
 from mls.study.run import cell_key
 
 
@@ -132,6 +132,16 @@ def test_a_variant_with_its_own_mocov2_control_is_paired_with_it():
     assert rows["k5"]["diff_val_map"] == pytest.approx([1.0, -1.0])  # no control of its own: mocov2
     table = markdown({"cells": cells, "command": "mls study"}, {v: {} for v in scores}, index)
     assert "| D8 | 2 |" in table and "| 1.8 ± 1.1 |" in table and "`D8` to `mocov2_D8`" in table
+
+
+def test_the_outputs_are_written_while_a_control_has_no_cell_yet(tmp_path):
+    cells = {f"{v}{s}": {"variant": v, "seed": s, "options": {}, "scores": {"val_map": 70.0 + s, "precision": 0.7}}
+             for v, seeds in (("mocov2", (0, 1)), ("D8", (0, 1)), ("mocov2_D8", (0,)), ("D16", (0,))) for s in seeds}
+    index = {v: {s: f"{v}{s}" for s in range(2)} for v in ("mocov2", "D8", "mocov2_D8", "D16", "mocov2_D16")}
+    table = write_outputs(tmp_path, {"cells": cells, "command": "mls study"}, {v: {} for v in index}, index)
+    assert "| D8 | 2 | 70.5 ± 0.7 | 0.700 ± 0.000 | 0.0 | – |" in table  # one seed paired so far: no verdict
+    assert "| D16 | 1 | 70.0 | 0.700 | – | – |" in table  # its control has no cell yet: nothing paired
+    assert "| mocov2_D8 | 1 | 70.0 | 0.700 | 0.0 | – |" in table and (tmp_path / "results.png").stat().st_size > 0
 
 
 def test_a_cell_is_keyed_by_the_settings_it_resolves_to():

@@ -97,7 +97,8 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     rows = [r for r in summarise(results, index) if r["val_map"]]
     fig, axes = plt.subplots(1, 3, figsize=(5 + 1.5 * len(rows), 3.6))
     ticks = range(len(rows)), [r["variant"] for r in rows]
-    diffs = [_mean_std(r["diff_val_map"]) if r["variant"] != BASELINE and r["diff_val_map"] else (math.nan, 0.0)
+    # no bar without two paired seeds (a variant whose MoCo-v2 control has not run yet has none)
+    diffs = [_mean_std(r["diff_val_map"]) if r["variant"] != BASELINE and r["diff_val_map"] else (math.nan, math.nan)
              for r in rows]
     two_se = [0.0 if math.isnan(s) else 2 * s / math.sqrt(len(r["diff_val_map"])) for r, (_, s) in zip(rows, diffs)]
     axes[0].errorbar(ticks[0], [m for m, _ in diffs], yerr=two_se, fmt="o", capsize=4, color="tab:red")
