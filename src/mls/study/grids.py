@@ -135,7 +135,7 @@ def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[st
         unknown = sorted(set(only) - set(cells))
         if unknown:
             raise ValueError(f"--only names {unknown}, not variants of {name}: {', '.join(cells)}")
-        kept = {"mocov2", *only, *(f"mocov2_{name}" for name in only)}  # with each one's own MoCo-v2 control
+        kept = {"mocov2", *only, *(f"mocov2_{v}" for v in only)}  # with each one's own MoCo-v2 control
         cells = {k: v for k, v in cells.items() if k in kept}
     for variant, overrides in cells.items():  # every cell must make a valid run: refuse it now, not hours later
         PretrainSettings.resolve({**budget.pretrain, "data": data, **overrides})
