@@ -42,8 +42,8 @@ def summarise(results: dict, index: dict[str, dict[int, str]]) -> list[dict]:
                             if key in results["cells"]} for variant, keys in index.items()}
     rows = []
     for variant, seeds in by_variant.items():
-        base = by_variant.get(reference(variant, index), {})
         row = {"variant": variant, "reference": reference(variant, index), "seeds": sorted(seeds)}
+        base = by_variant.get(row["reference"], {})
         for name in SCORES:
             row[name] = [seeds[s][name] for s in sorted(seeds) if seeds[s].get(name) is not None]
             row[f"diff_{name}"] = [seeds[s][name] - base[s][name] for s in sorted(seeds)
