@@ -183,6 +183,8 @@ def test_variants_of_other_grids_with_the_same_settings_reuse_a_finished_cell(tm
     main(["study", "--grid", "table7", "--only=[both_queues]", *common])  # both_queues is table6's bce
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["cells"]) == 2
+    assert results["grid"] == "table7"  # the file names the call that wrote it last, also when nothing ran
+    assert results["command"] == "mls study --grid table7 --seeds 1 --budget tiny --only '[both_queues]'"
     table = (tmp_path / "results.md").read_text()
     assert "| both_queues | 1 |" in table and "| bce |" not in table and "| mocov2 | 1 |" in table
 

@@ -141,9 +141,9 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     settings = {variant: {**plan.pretrain, "data": data, **options} for variant, options in cells.items()}
     index = {variant: {seed: cell_key(settings[variant], seed) for seed in range(seeds)} for variant in cells}
 
-    def save() -> None:
+    def save() -> str:
         atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
-        write_outputs(root, results, cells, index)
+        return write_outputs(root, results, cells, index)
 
     def finished(key: str) -> bool:
         previous = results["cells"].get(key)
@@ -181,6 +181,6 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
                                  "final": _final_losses(run_dir)}
         done_here += 1
         save()
-    table = write_outputs(root, results, cells, index)
+    table = save()  # also when nothing ran: results.json then names this call's grid and command
     print(table)
     return results
