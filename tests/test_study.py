@@ -1,6 +1,7 @@
 """``mls study``: a grid of pretrainings over seeds, resumable, with paired differences to MoCo-v2."""
 import json
 import math
+import shlex
 import statistics
 
 import pytest
@@ -46,6 +47,13 @@ def test_a_grid_runs_end_to_end_resumes_without_rerunning_and_writes_its_outputs
     cells = json.loads((tmp_path / "results.json").read_text())["cells"].values()
     assert len(scored) == 10 and all(p.name == "last.ckpt" and p.is_file() for p in scored)
     assert all(c["scores"] == {"val_map": 50.0, "precision": 0.5} for c in cells)
+
+    # The command printed above a table is one the CLI takes (--test is a boolean option: `--test true`).
+    main([*args, "--test", "true", "--rescore", "true"])
+    command = (tmp_path / "results.md").read_text().splitlines()[0].strip("`")
+    assert command == "mls study --grid table6 --seeds 2 --budget tiny --test true"
+    main([*shlex.split(command)[1:], "--out", str(tmp_path), "--workers", "0", "--rescore", "true"])
+    assert len(scored) == 30
 
 
 @pytest.mark.slow
@@ -121,6 +129,20 @@ def test_paired_differences_and_the_two_standard_error_rule():
     assert beyond_noise([1.0, -0.5, 0.2]) == "no" and beyond_noise([0.3]) == "–"
 
 
+def test_the_test_split_once_read_is_paired_too():
+    scores = {"mocov2": ([70.0, 72.0, 71.0], [60.0, 61.0, 62.0]), "lam": ([71.0, 73.0, 71.5], [61.5, 62.0, 62.2])}
+    cells = {f"{v}{s}": {"variant": v, "seed": s, "options": {}, "scores": {"val_map": val[s], "test_map": test[s]}}
+             for v, (val, test) in scores.items() for s in range(3)}
+    index = {v: {s: f"{v}{s}" for s in range(3)} for v in scores}
+    table = markdown({"cells": cells, "command": "mls study --test"}, {v: {} for v in scores}, index)
+    header, _, mocov2, lam = table.splitlines()[2:6]
+    assert header.endswith(
+        "| Δ val mAP vs MoCo-v2 (paired) | beyond 2 SE | Δ test mAP vs MoCo-v2 (paired) | beyond 2 SE |")
+    # test Δ by seed: 1.5, 1.0, 0.2 -> mean 0.9, std 0.66, 2 SE 0.76: beyond; val Δ 1.0, 1.0, 0.5 -> beyond too
+    assert lam == "| lam | 3 | 71.8 ± 1.0 | 61.9 ± 0.4 | 0.8 ± 0.3 | yes, better | 0.9 ± 0.7 | yes, better |"
+    assert mocov2 == "| mocov2 | 3 | 71.0 ± 1.0 | 61.0 ± 1.0 | – | – | – | – |"
+
+
 def test_a_variant_with_its_own_mocov2_control_is_paired_with_it():
     scores = {"mocov2": [70.0, 72.0], "D8": [66.0, 69.5], "mocov2_D8": [65.0, 67.0], "k5": [71.0, 71.0]}
     cells = {f"{v}{s}": {"variant": v, "seed": s, "options": {}, "scores": {"val_map": x}}
@@ -153,6 +175,24 @@ def test_a_cell_is_keyed_by_the_settings_it_resolves_to():
               cell_key({**tiny, "method": "mocov2"}, 0)]
     assert len({same[0], *others}) == 5
     assert cell_key({**tiny, "workers": 3, "save_every": 0}, 0) == same[0]  # bookkeeping, not what is learnt
+
+
+def test_a_grid_keeps_its_base_when_the_demo_changes(monkeypatch, tmp_path):
+    """On the built-in scenes a cell is the demo's settings at λ = 1 (the base the README's tables measured),
+    whatever λ the demo has; with --data the paper's preset stays as it is."""
+    from mls.train.config import PRESETS, PretrainSettings
+
+    mocov2, balanced = {"data": None, "method": "mocov2", "epochs": 32}, {"data": None, "epochs": 32}
+    before = cell_key(mocov2, 0), cell_key(balanced, 0)
+    monkeypatch.setitem(PRESETS["demo"], "extra_weight", 3.0)
+    assert (cell_key(mocov2, 0), cell_key(balanced, 0)) == before  # a stored cell keeps its meaning
+    assert cell_key({**balanced, "extra_weight": 1.0}, 0) == before[1] != cell_key({**balanced, "extra_weight": 3.0}, 0)
+    cells = grid_cells("lambda", BUDGETS["demo"])
+    assert cells["lambda1"] == {"extra_weight": 1.0} and cells["mocov2"] == {"method": "mocov2"}
+    assert PretrainSettings.resolve({}).model.extra_weight == 3.0  # what `mls pretrain` itself runs
+    (tmp_path / "a.png").touch()
+    paper = grid_cells("table6", BUDGETS["demo"], data=str(tmp_path))["bce"]
+    assert cell_key({"data": str(tmp_path), **paper}, 0) == cell_key({"data": str(tmp_path), "extra_weight": 0.5}, 0)
 
 
 def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monkeypatch):

@@ -66,15 +66,17 @@ def beyond_noise(diffs: list[float]) -> str:
 def markdown(results: dict, variants: dict[str, dict], index: dict[str, dict[int, str]]) -> str:
     rows = summarise(results, index)
     shown = [name for name in SCORES if any(row[name] for row in rows)]
+    paired = [name for name in ("val_map", "test_map") if name in shown]  # the test split's once it is read
     lines = [f"`{results['command']}`", "",
              "| variant | seeds | " + " | ".join(SCORES[n] for n in shown)
-             + " | Δ val mAP vs MoCo-v2 (paired) | beyond 2 SE |",
-             "|---|---|" + "---|" * len(shown) + "---|---|"]
+             + "".join(f" | Δ {SCORES[n]} vs MoCo-v2 (paired) | beyond 2 SE" for n in paired) + " |",
+             "|---|---|" + "---|" * (len(shown) + 2 * len(paired))]
     for row in rows:
         cells = [_cell(row[n], digits=1 if n != "precision" else 3) for n in shown]
-        diff = "–" if row["variant"] == BASELINE else _cell(row["diff_val_map"])
-        verdict = "–" if row["variant"] == BASELINE else beyond_noise(row["diff_val_map"])
-        lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {diff} | {verdict} |")
+        for name in paired:
+            baseline = row["variant"] == BASELINE
+            cells += ["–", "–"] if baseline else [_cell(row[f"diff_{name}"]), beyond_noise(row[f"diff_{name}"])]
+        lines.append(f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "Variants (options over the budget's settings):", ""]
     lines += [f"- `{v}`: " + (", ".join(f"{k}={val}" for k, val in options.items()) or "the budget's MLS")
               for v, options in variants.items()]
@@ -97,13 +99,18 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     rows = [r for r in summarise(results, index) if r["val_map"]]
     fig, axes = plt.subplots(1, 3, figsize=(5 + 1.5 * len(rows), 3.6))
     ticks = range(len(rows)), [r["variant"] for r in rows]
-    # no bar without two paired seeds (a variant whose MoCo-v2 control has not run yet has none)
-    diffs = [_mean_std(r["diff_val_map"]) if r["variant"] != BASELINE and r["diff_val_map"] else (math.nan, math.nan)
-             for r in rows]
-    two_se = [0.0 if math.isnan(s) else 2 * s / math.sqrt(len(r["diff_val_map"])) for r, (_, s) in zip(rows, diffs)]
-    axes[0].errorbar(ticks[0], [m for m, _ in diffs], yerr=two_se, fmt="o", capsize=4, color="tab:red")
+    for name, colour, shift in (("val_map", "tab:red", 0.0), ("test_map", "tab:purple", 0.15)):
+        if name == "test_map" and not any(r["diff_test_map"] for r in rows):
+            continue  # the test split not read yet
+        # no bar without two paired seeds (a variant whose MoCo-v2 control has not run yet has none)
+        paired = [r[f"diff_{name}"] if r["variant"] != BASELINE else [] for r in rows]
+        diffs = [_mean_std(d) if d else (math.nan, math.nan) for d in paired]
+        two_se = [0.0 if math.isnan(s) else 2 * s / math.sqrt(len(d)) for d, (_, s) in zip(paired, diffs)]
+        axes[0].errorbar([i + shift for i in ticks[0]], [m for m, _ in diffs], yerr=two_se, fmt="o", capsize=4,
+                         color=colour, label=SCORES[name])
     axes[0].axhline(0.0, color="grey", linestyle="--", linewidth=1)
-    axes[0].set_ylabel("Δ val mAP vs its MoCo-v2, same seed")
+    axes[0].set_ylabel("Δ mAP vs its MoCo-v2, same seed")
+    axes[0].legend(loc="best", fontsize=8)
     for ax, name, label in ((axes[1], "val_map", "validation mAP (%)"), (axes[2], "precision", "neighbour precision")):
         stats = [_mean_std(r[name]) if r[name] else (math.nan, 0) for r in rows]
         ax.errorbar(ticks[0], [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
@@ -116,7 +123,7 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     for ax in axes:
         ax.set_xticks(*ticks, rotation=35, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{results['command']}   (bars: 2 SE of the paired Δ; std over seeds)", fontsize=9)
+    fig.suptitle(f"{results['command']}\n(bars: 2 SE of the paired Δ; std over seeds)", fontsize=8)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

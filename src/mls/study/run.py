@@ -21,7 +21,7 @@ from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
 from mls.eval.protocols import Task, knn, linear_probe
 from mls.files import atomic_write
-from mls.study.grids import Budget, grid_cells, load_budget
+from mls.study.grids import Budget, cell_options, grid_cells, load_budget
 from mls.study.report import write_outputs
 from mls.train import pretrain
 from mls.train.config import PretrainSettings
@@ -35,7 +35,7 @@ BOOKKEEPING = ("save_every", "log_every", "workers")
 def cell_key(options: dict, seed: int) -> str:
     """A short stable name for the settings a cell resolves to (every setting, defaults included) and its seed:
     two ways of writing the same run share a key, and a run under other defaults does not."""
-    resolved = PretrainSettings.resolve({**options, "seed": seed})
+    resolved = PretrainSettings.resolve(cell_options({**options, "seed": seed}))
     settings = {name: value for name, value in resolved.values().items() if name not in BOOKKEEPING}
     settings["augment_on"] = resolved.train.views_on  # auto is cpu here and device on a GPU machine
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -134,11 +134,11 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     results_path = root / "results.json"
     results = load_results(results_path)
     command = f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
-        (f" --only '[{','.join(only)}]'" if only else "") + (" --test" if test else "")
+        (f" --only '[{','.join(only)}]'" if only else "") + (" --test true" if test else "")
     results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
 
     todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
-    settings = {variant: {**plan.pretrain, "data": data, **options} for variant, options in cells.items()}
+    settings = {variant: cell_options({**plan.pretrain, "data": data, **options}) for variant, options in cells.items()}
     index = {variant: {seed: cell_key(settings[variant], seed) for seed in range(seeds)} for variant in cells}
 
     def save() -> str:
