@@ -1,7 +1,7 @@
 """Pseudo-label precision of the CPU demo: does pretraining make Q_g's neighbours share classes?
 
 Pretrains, at the demo's budget (configs/demo_cpu.yaml), the demo itself (MLS with balanced
-BCE from epoch 2), plain Eq. 9 (one mean over all D entries, from the start, λ = 1) and
+BCE from epoch 2, λ = 0.25), plain Eq. 9 (one mean over all D entries, from the start, λ = 1) and
 MoCo-v2; a run with learning rate 0 stands for the random initialisation. Each backbone then
 embeds one random crop of each of the 2,000 scenes and, for 200 query crops, the top-20
 neighbours among them are checked against the true labels (the `mls visualize neighbors
@@ -22,8 +22,8 @@ from mls.viz.neighbors import neighbors, precision
 VARIANTS = {
     "random init (lr 0)": dict(lr=0.0, epochs=1),
     "MoCo-v2": dict(method="mocov2"),
-    "MLS, Eq. 9 as written (λ = 1)": dict(bce_balanced=False, extra_start_epoch=0),
-    "MLS, demo (balanced BCE from epoch 2)": dict(),
+    "MLS, Eq. 9 as written (λ = 1)": dict(bce_balanced=False, extra_start_epoch=0, extra_weight=1.0),
+    "MLS, demo (balanced BCE from epoch 2, λ = 0.25)": dict(),
 }
 
 
