@@ -7,7 +7,7 @@ embeds one random crop of each of the 2,000 scenes and, for 200 query crops, the
 neighbours among them are checked against the true labels (the `mls visualize neighbors
 --bank dataset` search), so that every model is judged on the very same crops.
 
-    python benchmarks/demo_precision.py --out runs/bench-precision      # about 15 minutes on 2 cores
+    python benchmarks/demo_precision.py --out runs/bench-precision      # about 20 minutes on 2 cores
 """
 from __future__ import annotations
 
