@@ -3,7 +3,7 @@
 Pretrains the default CPU demo twice at the same budget (method mls, method mocov2), then runs
 ``mls eval linear`` on the synthetic task for both checkpoints and for a randomly initialised
 backbone of the same architecture, and prints one table of mAP. The default budget (the demo's
-8 epochs over 2,000 scenes) takes about 11 minutes on 2 CPU cores; lower ``--epochs`` or
+8 epochs over 2,000 scenes) takes about 13 minutes on 2 CPU cores; lower ``--epochs`` or
 ``--max_steps`` to try it quickly.
 
     python benchmarks/linear_probe.py --epochs 8 --out runs/bench-linear
