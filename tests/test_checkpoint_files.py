@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fill_queue, tiny, tiny_checkpoint
 from PIL import Image
 
+from conftest import fill_queue, tiny, tiny_checkpoint
 from mls.checkpoint import UnreadableCheckpoint, read_checkpoint
 from mls.train import pretrain
 from mls.train.run import resolve_resume
@@ -96,7 +96,7 @@ def test_truncated_and_foreign_files_are_refused_in_one_line_by_every_command(tm
     files = bad_files(tmp_path)
     cases = [(command, *files[kind]) for command in COMMANDS for kind in ("truncated", "foreign")]
     results = mls_runs(*[COMMANDS[command](path, tmp_path) for command, path, _ in cases])
-    for (command, path, reason), (code, stderr) in zip(cases, results):
+    for (_command, path, reason), (code, stderr) in zip(cases, results):
         assert_one_line_error(code, stderr, str(path), reason)
     assert not (tmp_path / "run").exists() and not (tmp_path / "knn").exists()
 

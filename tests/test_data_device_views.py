@@ -3,10 +3,8 @@ import dataclasses
 import warnings
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from mls.backbones import IMAGENET_MEAN, IMAGENET_STD

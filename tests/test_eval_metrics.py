@@ -8,12 +8,11 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from mls.eval.datasets import EvalData
-from mls.eval.metrics import (IGNORE, average_precision, classification_metrics, top1_accuracy,
-                              voc07_average_precision)
+from mls.eval.metrics import IGNORE, average_precision, classification_metrics, top1_accuracy, voc07_average_precision
 from mls.eval.protocols import Task, classification_loss, knn_scores, linear_probe
 from mls.eval.report import markdown_table, summarise
 
-I = IGNORE
+I = IGNORE  # noqa: E741 (reads as a blank in the hand-worked tables below)
 
 
 def test_top1_accuracy_hand_worked():

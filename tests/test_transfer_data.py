@@ -2,13 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import voc_xml
 from PIL import Image
 
+from conftest import voc_xml
 from mls.data.synthetic import CLASSES, SyntheticScenes, write_coco, write_voc
 from mls.transfer.detection_data import CocoInstances, load_detection_splits
-from mls.transfer.segmentation_data import SegmentationPairs, cityscapes_train_ids, segmentation_splits, \
-    train_transform
+from mls.transfer.segmentation_data import SegmentationPairs, cityscapes_train_ids, segmentation_splits, train_transform
 
 
 def _devkit(root, year, sets, objects):

@@ -1,8 +1,8 @@
 """Backbones and heads: torchvision ResNets by name, the small-image stem, the projection MLP."""
 from __future__ import annotations
 
-from torch import nn
 import torchvision
+from torch import nn
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of torchvision's ResNets, used by every pipeline

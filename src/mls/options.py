@@ -24,7 +24,7 @@ def flat_options(fn: Callable, groups: tuple[type, ...], unset_is_none: bool = F
     for group in groups:
         types = typing.get_type_hints(group)
         for f in dataclasses.fields(group):
-            annotation = typing.Optional[types[f.name]] if unset_is_none else types[f.name]
+            annotation = typing.Optional[types[f.name]] if unset_is_none else types[f.name]  # noqa: UP045 (built at run time)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=None if unset_is_none else f.default, annotation=annotation))
             lines.append(f"    {f.name}: {describe(f) if describe else f.metadata['doc']}.\n")

@@ -115,7 +115,7 @@ class ViewConfig:
     def __post_init__(self):
         self.transform()  # MoCoV2View checks every value
 
-    def transform(self) -> "MoCoV2View":
+    def transform(self) -> MoCoV2View:
         """MoCo-v2's view with these settings."""
         return MoCoV2View(self.image_size, scale=(self.min_scale, 1.0), hue=self.hue, grayscale_p=self.grayscale_p,
                           blur_p=0.5 if self.blur else 0.0)

@@ -148,7 +148,7 @@ def apply_appearance(images: torch.Tensor, params: dict, normalize: bool = True)
     for step, index in enumerate(params["jitter_steps"]):
         index = index.to(device)
         op = _JITTER[step % 4]
-        _apply_to(x, index, lambda sub: op(sub, factors.index_select(0, index)[:, step % 4]))
+        _apply_to(x, index, lambda sub: op(sub, factors.index_select(0, index)[:, step % 4]))  # noqa: B023 (called here)
     gray = params["gray"].to(device)[:, None, None, None]
     x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
     blurred = params["blurred"].to(device)

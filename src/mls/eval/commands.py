@@ -14,7 +14,8 @@ from mls.checkpoint import backbone_info
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
 from mls.eval.metrics import average_precision, classification_metrics
-from mls.eval.protocols import Task, knn as knn_protocol, linear_probe
+from mls.eval.protocols import Task, linear_probe
+from mls.eval.protocols import knn as knn_protocol
 from mls.eval.report import summarise, write_report
 
 FEATURE_BATCH = 256  # batch of feature extraction and of the linear probe when --batch-size is not given

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
-from torch.utils.data import ConcatDataset, Dataset, Subset
 from pycocotools.coco import COCO
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.datasets.folder import default_loader, find_classes
 
 from mls.eval.metrics import IGNORE

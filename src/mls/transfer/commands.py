@@ -8,23 +8,31 @@ trains (DDP, SyncBatchNorm); the first one evaluates and writes the report.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from mls.checkpoint import backbone_info, load_backbone
 from mls.eval.report import summarise, write_report
-from mls.transfer.detection import HEADS as DETECTION_HEADS, build_detector, detection_losses, \
-    evaluate_detection
+from mls.transfer.detection import HEADS as DETECTION_HEADS
+from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
-from mls.transfer.segmentation import DILATABLE, HEADS as SEGMENTATION_HEADS, build_segmenter, \
-    evaluate_segmentation, segmentation_losses
+from mls.transfer.segmentation import DILATABLE, build_segmenter, evaluate_segmentation, segmentation_losses
+from mls.transfer.segmentation import HEADS as SEGMENTATION_HEADS
 from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, train_transform
-from mls.transfer.training import RunOptions, TransferModule, check_positive, per_device_batch, poly, \
-    warmup_multistep, with_run_options
+from mls.transfer.training import (
+    RunOptions,
+    TransferModule,
+    check_positive,
+    per_device_batch,
+    poly,
+    warmup_multistep,
+    with_run_options,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ detectron2's ``Res5ROIHeads`` layout (MoCo's VOC protocol), built from the same 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ output stride 8 by dilating layer3 and layer4, as FCN-D8 and PSPNet-D8 do.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

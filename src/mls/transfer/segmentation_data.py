@@ -5,8 +5,8 @@ rescale (ratio 0.5-2 of a base scale), random crop padded with the ignore label,
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torchvision
