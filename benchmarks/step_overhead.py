@@ -1,7 +1,8 @@
-"""Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch.
+"""Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch; and the cost
+of the health measures (``mls.health``), which a run computes every ``--log-every`` steps.
 
-Both steps (forward, backward, SGD update) are timed in one process, alternating, and the
-ratio of medians is printed, so that machine noise hits both alike. Memory is the CUDA
+The steps (forward, backward, SGD update) are timed in one process, alternating, and the
+ratio of medians is printed, so that machine noise hits all alike. Memory is the CUDA
 allocator's peak on a GPU, and the memory held between steps on a CPU.
 
     python benchmarks/step_overhead.py                      # CPU: ResNet-18, 64 px, D = 16,384
@@ -20,6 +21,7 @@ import torch
 from mls import MLS
 
 METHODS = {"mocov2": dict(method="mocov2"), "mls": dict(method="mls")}
+HEALTH = "mls_health"  # an MLS step that also computes the health measures, as a run does at each log step
 
 
 def build(args, method: str) -> tuple[MLS, torch.optim.Optimizer]:
@@ -34,7 +36,7 @@ def build(args, method: str) -> tuple[MLS, torch.optim.Optimizer]:
     return model, torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
 
 
-def make_step(args, model, optimizer):
+def make_step(args, model, optimizer, diagnose: bool = False):
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -44,7 +46,7 @@ def make_step(args, model, optimizer):
 
     def step():
         with torch.autocast(args.device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x, x, meta)
+            out = model(x, x, meta, diagnose=diagnose)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
@@ -65,16 +67,20 @@ def fill(model) -> None:
                   for name in queue.names})
 
 
-def time_both(args) -> dict[str, list[float]]:
+def time_both(args, health: bool = True) -> dict[str, list[float]]:
+    """Step times of MoCo-v2 and MLS (and, with ``health``, of an MLS step that measures health), alternating."""
     runs = {m: build(args, m) for m in METHODS}
     steps = {m: make_step(args, *runs[m]) for m in METHODS}
-    for m in METHODS:
-        fill(runs[m][0])
+    if health:
+        steps[HEALTH] = make_step(args, *runs["mls"], diagnose=True)  # the same model, measuring health
+    for m in steps:
+        if m in runs:
+            fill(runs[m][0])
         for _ in range(args.warmup):
             steps[m]()
-    times = {m: [] for m in METHODS}
+    times = {m: [] for m in steps}
     for _ in range(args.steps):
-        for m in METHODS:  # alternate, so drift hits both
+        for m in steps:  # alternate, so drift hits all
             sync(args.device)
             start = time.perf_counter()
             steps[m]()
@@ -113,6 +119,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", default=None, help="torch.compile backend of the encoders (e.g. inductor)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=10, help="steps between health measurements (a run's --log-every)")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     times = time_both(args)
@@ -126,8 +133,13 @@ def main() -> None:
     for m in METHODS:
         print(f"{m:8} {1000 * med[m]:17.1f} {mem[m]:18.0f}")
     print(f"ratio MLS / MoCo-v2: time {med['mls'] / med['mocov2']:.3f}x, memory {mem['mls'] / mem['mocov2']:.3f}x")
+    health_ms = 1000 * (med[HEALTH] - med["mls"])
+    share = (med[HEALTH] - med["mls"]) / med["mls"] / args.log_every
+    print(f"health measures: {health_ms:.1f} ms per log step (MLS step with them {1000 * med[HEALTH]:.1f} ms), "
+          f"{share:.2%} of an average step at --log-every {args.log_every}")
     print(json.dumps({"setting": setting, "time_ratio": med["mls"] / med["mocov2"],
-                      "memory_ratio": mem["mls"] / mem["mocov2"], "median_s": med, "peak_mib": mem}))
+                      "memory_ratio": mem["mls"] / mem["mocov2"], "health_share": share, "median_s": med,
+                      "peak_mib": mem}))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def worker_side(sources: dict, sizes: list[int], seconds: float) -> dict:
                 paths = {"cpu": SeededViews(TwoViewDataset(source, view), seed=0),
                          "device": SeededViews(TwoViewDataset(source, WorkerView(view), tensors=True), seed=0)}
                 counter = iter(range(10**9))
-                samples = rates({path: lambda data=data: data[(0, next(counter) % len(source))]
+                samples = rates({path: lambda data=data: data[(0, next(counter) % len(source))]  # noqa: B023 (called in this loop)
                                  for path, data in paths.items()}, seconds)
                 for path, per_sec in samples.items():
                     out[(name, size, path)] = 2 * per_sec  # two views per sample
@@ -249,7 +249,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # step_overhead's step names the device by its type
         step_args = argparse.Namespace(**{**vars(args), "device": device.type, "steps": max(5, args.steps // 3)})
-        c = {m: args.batch_size / statistics.median(t) for m, t in time_both(step_args).items()}
+        c = {m: args.batch_size / statistics.median(t) for m, t in time_both(step_args, health=False).items()}
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"\n(c) model step alone: MoCo-v2 {c['mocov2']:.0f} images/s, MLS {c['mls']:.0f} images/s "

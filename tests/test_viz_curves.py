@@ -78,3 +78,15 @@ def test_clear_errors(tmp_path):
         main(["plot", str(tmp_path), "--out", str(tmp_path / "c.png")])
     with pytest.raises(ValueError, match="does not exist"):
         main(["plot", str(tmp_path), "--out", str(tmp_path / "missing" / "c.png")])
+
+
+def test_health_groups_share_a_panel(tmp_path):
+    """The forces on z1, the logits of positives and negatives, and the two ranks are each read in one panel."""
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,health/rank_z,health/rank_g,health/grad_infonce,health/grad_extra_pos,health/grad_extra_neg,"
+        "health/logit_pos,health/logit_neg,health/mean_norm,train/loss\n"
+        "0,9,40,90,2.0,0.1,1.5,4.0,3.5,0.9,6.0\n0,19,30,80,2.1,0.1,1.2,3.0,2.0,0.8,5.5\n")
+    main(["plot", str(tmp_path / "metrics.csv"), "--out", str(tmp_path / "c.png")])
+    # 9 columns in 5 panels (loss, mean norm, ranks, forces, logits): 3 x 2, the last cell empty
+    assert Image.open(tmp_path / "c.png").size == (3 * PANEL_INCHES[0] * DPI, 2 * PANEL_INCHES[1] * DPI)
+    assert drawn_panels(tmp_path / "c.png", cols=3, rows=2) == 5

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mls import distributed
+from mls import distributed, health
 from mls.backbones import build_backbone, projection_head
 from mls.config import MLSConfig
 from mls.losses import EXTRA_LOSSES, infonce_from_logits
@@ -107,13 +107,14 @@ class MLS(nn.Module):
         return (bank @ F.normalize(g.float(), dim=1).to(bank.dtype).T).T.float()
 
     def forward(self, x1: Tensor, x2: Tensor, meta: dict[str, Tensor] | None = None,
-                extra_weight: float | Tensor | None = None) -> dict[str, Tensor]:
+                extra_weight: float | Tensor | None = None, diagnose: bool = False) -> dict[str, Tensor]:
         """One training step's losses and diagnostics; pushes the keys into the queues.
 
         ``meta`` may hold ``index`` (N,) dataset indices and ``box`` (N, 4) normalised crop boxes
         of view 2, stored beside the keys. ``extra_weight`` is λ for this step (a trainer's warm-up
         or ramp; a tensor is fine); ``None`` takes the configured λ. Returns ``loss`` (to
-        minimise), ``loss_infonce``, ``loss_extra`` and the diagnostics of ``selection_stats``.
+        minimise), ``loss_infonce``, ``loss_extra`` and the diagnostics of ``selection_stats``; with
+        ``diagnose``, also ``health``: the measures of ``mls.health`` on the queues as this step saw them.
         """
         cfg = self.config
         g1, z1 = self.encode_query(x1)
@@ -145,7 +146,25 @@ class MLS(nn.Module):
 
         out = {"loss": loss, "loss_infonce": loss_infonce.detach(), "loss_extra": loss_extra.detach(),
                **selection_stats(sim, idx, picked, self.queue)}
+        if diagnose:
+            out["health"] = self.health(q.detach(), k, l_neg.detach(), labels, valid, negatives)
         self._enqueue(g2, k, meta or {})
+        return out
+
+    @torch.no_grad()
+    def health(self, q: Tensor, k: Tensor, l_neg: Tensor, labels: Tensor | None, valid: Tensor,
+               negatives: Tensor) -> dict[str, Tensor]:
+        """``mls.health``'s measures for one step: the spread of ``Q_z`` (and ``Q_g``), alignment, and the
+        gradient on ``z1`` of InfoNCE and of the extra loss's positive and negative terms (λ not applied)."""
+        cfg = self.config
+        out = health.queue_health(self.queue["z"], valid, self.queue["g"] if "g" in self.queue else None)
+        extra = None
+        if labels is not None and cfg.logits_from == "z":  # with logits from Q_g the extra loss moves g1, not z1
+            bias = self.logit_bias.detach() if cfg.logit_bias != "none" else 0.0
+            extra = health.logit_grads(cfg.mls_loss, l_neg, labels, cfg.extra_temperature, valid,
+                                       balanced=cfg.bce_balanced, bias=bias)
+        out.update(health.step_forces(q, k, self.queue["z"], l_neg, cfg.tau, valid, negatives, extra, labels,
+                                      cfg.extra_temperature))
         return out
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Training curves from a Lightning ``CSVLogger`` ``metrics.csv``: one panel per logged quantity."""
+"""Training curves from a Lightning ``CSVLogger`` ``metrics.csv``: one panel per logged quantity, or per
+group of quantities read together (the forces on ``z1``, the logits of positives and negatives, the ranks)."""
 from __future__ import annotations
 
 import csv
@@ -18,7 +19,23 @@ KNOWN = {
     "train/lr": "learning rate",
     "train/images_per_sec": "throughput (images/s)",
     "train/skipped_images": "unreadable images skipped (per epoch)",
+    "health/mean_norm": "‖mean(Q_z)‖ (1: all keys alike)",
+    "health/uniformity": "uniformity of Q_z (0: collapsed)",
+    "health/alignment": "alignment E‖z1 − z2‖²",
+    "health/spread_z": "spread of Q_z, √d·std (0: collapsed, 1: even)",
+    "health/rank_z": "effective rank (RankMe)",
+    "health/grad_infonce": "gradient norm on z1 (λ not applied)",
+    "health/logit_pos": "mean logit p/τ of the extra loss",
 }
+# Quantities drawn in the panel of the first one named, with a legend.
+GROUPS = {
+    "health/rank_z": ("health/rank_z", "health/rank_g"),
+    "health/grad_infonce": ("health/grad_infonce", "health/grad_extra_pos", "health/grad_extra_neg"),
+    "health/logit_pos": ("health/logit_pos", "health/logit_neg"),
+}
+LEGEND = {"health/rank_z": "Q_z", "health/rank_g": "Q_g", "health/grad_infonce": "InfoNCE",
+          "health/grad_extra_pos": "extra, positive terms", "health/grad_extra_neg": "extra, negative terms",
+          "health/logit_pos": "positives", "health/logit_neg": "negatives"}
 AXES = ("step", "epoch")
 PANEL_INCHES = (4.0, 3.0)
 DPI = 100
@@ -67,10 +84,17 @@ def read_metrics(*paths: str | Path) -> dict[str, list[tuple[float, float]]]:
     return {name: sorted(points.items()) for name, points in by_x.items()}
 
 
-def panel_order(names: list[str]) -> list[str]:
-    """Known quantities first, in the trainer's order, then any other logged column alphabetically."""
-    known = [n for n in KNOWN if n in names]
-    return known + sorted(n for n in names if n not in KNOWN)
+def panel_order(names: list[str]) -> list[list[str]]:
+    """The panels, each a list of the logged columns it draws: known quantities first, in the trainer's
+    order (a group of ``GROUPS`` in one panel), then any other logged column alphabetically."""
+    grouped = {member: lead for lead, members in GROUPS.items() for member in members}
+    panels: dict[str, list[str]] = {}
+    for name in [n for n in KNOWN if n in names or n in GROUPS] + sorted(n for n in names if n not in KNOWN):
+        lead = grouped.get(name, name)
+        members = [m for m in GROUPS.get(lead, (lead,)) if m in names]
+        if members and lead not in panels:
+            panels[lead] = members
+    return list(panels.values())
 
 
 def plot_curves(metrics: str | Path, out: str | Path, columns: int = COLUMNS) -> list[str]:
@@ -86,35 +110,38 @@ def plot_curves(metrics: str | Path, out: str | Path, columns: int = COLUMNS) ->
     ensure_writable(out)
     paths = find_metrics(metrics)
     series = read_metrics(*paths)
-    names = panel_order(list(series))
-    if not names:
+    panels = panel_order(list(series))
+    if not panels:
         raise ValueError(f"{str(paths[-1])!r} has no metric columns besides {', '.join(AXES)}")
-    columns = min(columns, len(names))
-    rows = math.ceil(len(names) / columns)
+    columns = min(columns, len(panels))
+    rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, squeeze=False,
                              figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI)
-    for ax, name in zip(axes.flat, names):
-        xs, ys = zip(*series[name])
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
-        ax.set_title(KNOWN.get(name, name), fontsize=10)
+    for ax, members in zip(axes.flat, panels):
+        for name in members:
+            xs, ys = zip(*series[name])
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=LEGEND.get(name, name))
+        if len(members) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(KNOWN.get(members[0], members[0]), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if name == "train/lr":
+        if members[0] == "train/lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format=Path(out).suffix.lstrip(".") or "png"))
     plt.close(fig)
-    return names
+    return [name for members in panels for name in members]
 
 
 def plot(metrics: str, out: str = "curves.png") -> None:
-    """Plot training curves (losses, lr, throughput, pseudo-label precision) from a CSV log.
+    """Plot training curves (losses, lr, throughput, pseudo-label precision, representation health) from a CSV log.
 
     Args:
         metrics: A Lightning ``metrics.csv``, or a log folder: all its metrics.csv files, joined in time order.
         out: Output image (``.png``, ``.pdf``, ``.svg``).
     """
     names = plot_curves(metrics, out)
-    print(f"plotted {len(names)} panels ({', '.join(names)}) to {out}")
+    print(f"plotted {len(names)} quantities ({', '.join(names)}) to {out}")
