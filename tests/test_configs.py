@@ -32,11 +32,33 @@ def test_demo_config_is_what_mls_pretrain_runs_without_options():
     assert dataclasses.replace(from_file, preset="demo") == without_options
 
 
-def test_a_data_folder_takes_the_papers_settings_and_moco_v2_views():
+def test_a_data_folder_takes_the_recommended_extra_loss_over_the_papers_settings_and_moco_v2_views():
     settings = PretrainSettings.resolve({"data": "photos/"})
-    assert settings.preset == "paper"
+    assert settings.preset == "recommended"
     assert (settings.view.hue, settings.view.grayscale_p, settings.view.image_size) == (0.1, 0.2, 224)
-    assert settings.model == MLSConfig()
+    # the paper's model but for the extra loss: balanced, λ 0.25, from epoch 2
+    assert settings.model == dataclasses.replace(MLSConfig(), extra_weight=0.25, bce_balanced=True)
+    assert settings.train.extra_start_epoch == 2
+    paper = PretrainSettings.resolve({"data": "photos/"}, preset="paper")
+    assert paper.model == MLSConfig() and paper.train.extra_start_epoch == 0
+
+
+def test_the_demo_uses_the_recommended_extra_loss():
+    demo, recommended = PretrainSettings.resolve({}), PretrainSettings.resolve({"data": "photos/"})
+    for name in ("extra_weight", "bce_balanced", "mls_loss", "select_from", "logits_from"):
+        assert getattr(demo.model, name) == getattr(recommended.model, name), name
+    assert demo.train.extra_start_epoch == recommended.train.extra_start_epoch
+
+
+@pytest.mark.parametrize("options, preset, expected", [
+    ({}, "auto", "MLS: ResNet-18, 64 px, D 1,024, k 20, λ 0.25 × BCE (Eq. 9) balanced from epoch 2"),
+    ({"data": "d/"}, "paper", "MLS: ResNet-50, 224 px, D 4,096, k 20, λ 0.5 × BCE (Eq. 9) from the first step"),
+    ({"data": "d/", "method": "mocov2"}, "auto", "MoCo-v2: ResNet-50, 224 px, D 4,096"),
+    ({"data": "d/", "arch": "resnet18", "image_size": 96, "extra_ramp_epochs": 3}, "auto",
+     "MLS: ResNet-18, 96 px, D 4,096, k 20, λ 0.25 × BCE (Eq. 9) balanced from epoch 2, ramped over 3 epochs"),
+])
+def test_the_summary_states_the_settings_as_resolved(options, preset, expected):
+    assert PretrainSettings.resolve(options, preset).summary() == expected
 
 
 @pytest.mark.parametrize("name", COCO)

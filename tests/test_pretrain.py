@@ -235,15 +235,20 @@ def test_a_second_run_into_the_same_folder_neither_overwrites_nor_silently_resum
     assert first.read_bytes() == before
 
 
-def test_presets_record_their_views_and_resume_refuses_other_data(tmp_path):
-    """--data takes MoCo-v2's views (hue 0.1, grayscale 0.2), the demo neither; the data's fingerprint is
-    recorded, and resuming on other images is refused before training."""
+def test_presets_record_their_views_and_resume_refuses_other_data(tmp_path, caplog):
+    """--data takes the recommended preset, named with its settings as resolved in the run's first line, and
+    MoCo-v2's views (hue 0.1, grayscale 0.2), the demo neither; the data's fingerprint is recorded, and resuming
+    on other images is refused before training."""
+    caplog.set_level("INFO")
     folder = tmp_path / "imgs"
     write_images(folder, 24)
     out = tmp_path / "paper"
     main(["pretrain", "--data", str(folder), "--out", str(out), "--max-steps", "1", "--arch", "resnet18",
           "--image-size", "32", "--batch-size", "8", "--queue-size", "16", "--topk", "2", "--epochs", "1",
           "--workers", "0"])
+    first = caplog.records[0].getMessage()  # before Lightning's own lines
+    assert first.startswith("mls pretrain: preset 'recommended' (") and \
+        "MLS: ResNet-18, 32 px, D 16, k 2, λ 0.25 × BCE (Eq. 9) balanced from epoch 2" in first
     hyper = read_checkpoint(out / "checkpoints" / "last.ckpt")["hyper_parameters"]
     assert hyper["view"]["hue"] == 0.1 and hyper["view"]["grayscale_p"] == 0.2
     assert hyper["data"]["fingerprint"].startswith("image folder: 24 images, names ")

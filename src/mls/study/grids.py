@@ -22,10 +22,26 @@ PAPER_D_OVER_N = 4096 / 118_287  # D = 4,096 for COCO train2017's images
 SCENES = {"extra_weight": 1.0}
 
 
+def on_scenes(options: dict) -> bool:
+    return options.get("data") in (None, "synthetic")
+
+
 def cell_options(options: dict) -> dict:
     """A cell's ``pretrain`` options over the grids' base (``SCENES`` on the built-in scenes; with ``data``,
-    the paper's preset as it is)."""
-    return {**(SCENES if options.get("data") in (None, "synthetic") else {}), **options}
+    the paper's preset as it is, see ``cell_preset``)."""
+    return {**(SCENES if on_scenes(options) else {}), **options}
+
+
+def cell_preset(options: dict) -> str:
+    """The preset a cell starts from: the demo's on the built-in scenes, the paper's with ``data`` (whatever
+    ``mls pretrain --data`` defaults to), so that a stored cell keeps its meaning."""
+    return "demo" if on_scenes(options) else "paper"
+
+
+def resolve_cell(options: dict) -> PretrainSettings:
+    """A cell's settings: its options over the grids' base and preset."""
+    options = cell_options(options)
+    return PretrainSettings.resolve(options, cell_preset(options))
 
 
 @dataclass(frozen=True)
@@ -122,8 +138,23 @@ def _balance(s: PretrainSettings) -> dict[str, dict]:
     }
 
 
+def _health(s: PretrainSettings) -> dict[str, dict]:
+    """Why the paper's setting (Eq. 9 from the first step) degrades the features at a short budget
+    (docs/study/health): the paper's setting with a 2-epoch warm-up of InfoNCE alone, balanced from the
+    first step, with its negative terms alone (k = 0: no pseudo-positive, the test of the explanation's
+    prediction), and MoCo-v2 with the paper's key momentum and embedding size (the paper's setting differs
+    from the demo's MoCo-v2 in those too), the control of the ``paper`` variants."""
+    paper = _always(s.model.queue_size)["paper"]
+    return {
+        "paper_warmup": {**paper, "extra_start_epoch": 2},
+        "paper_balanced": {**paper, "bce_balanced": True},
+        "mocov2_paper": {"method": "mocov2", "momentum": paper["momentum"], "dim": paper["dim"]},
+        "paper_negatives": {**paper, "topk": 0},
+    }
+
+
 GRIDS = {"table6": _table6, "table7": _table7, "table8": _table8, "queue": _queue, "lambda": _lambda,
-         "balance": _balance}
+         "balance": _balance, "health": _health}
 
 
 def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[str] | None = None) -> dict[str, dict]:
@@ -132,7 +163,7 @@ def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[st
     The MoCo-v2 baseline and the paper's setting come first in every grid; ``only`` keeps the named variants
     (and their MoCo-v2 controls, ``mocov2_<name>``, where the grid has them).
     """
-    settings = PretrainSettings.resolve(cell_options({**budget.pretrain, "data": data}))
+    settings = resolve_cell({**budget.pretrain, "data": data})
     if name in GRIDS:
         variants = GRIDS[name](settings)
     elif Path(name).is_file():
@@ -148,6 +179,6 @@ def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[st
             raise ValueError(f"--only names {unknown}, not variants of {name}: {', '.join(cells)}")
         kept = {"mocov2", *only, *(f"mocov2_{v}" for v in only)}  # with each one's own MoCo-v2 control
         cells = {k: v for k, v in cells.items() if k in kept}
-    for variant, overrides in cells.items():  # every cell must make a valid run: refuse it now, not hours later
-        PretrainSettings.resolve(cell_options({**budget.pretrain, "data": data, **overrides}))
+    for overrides in cells.values():  # every cell must make a valid run: refuse it now, not hours later
+        resolve_cell({**budget.pretrain, "data": data, **overrides})
     return cells

@@ -25,10 +25,16 @@ def _cell(values: list[float], digits: int = 1) -> str:
 
 
 def reference(variant: str, variants) -> str:
-    """The MoCo-v2 a variant is paired with: ``mocov2_<variant>`` where the grid has one (a control with the
-    variant's own MoCo-side settings, such as the queue grid's MoCo-v2 at the same D), else ``mocov2``."""
-    control = f"{BASELINE}_{variant}"
-    return control if control in variants else BASELINE
+    """The MoCo-v2 a variant is paired with: ``mocov2_<name>`` where the grid has one for the variant's name or
+    the start of it before an underscore (a control with the variant's own MoCo-side settings, such as the
+    queue grid's MoCo-v2 at the same D, or the health grid's MoCo-v2 at the paper's m and dz for ``paper`` and
+    ``paper_warmup``), else ``mocov2``."""
+    parts = variant.split("_")
+    for n in range(len(parts), 0, -1):
+        control = f"{BASELINE}_{'_'.join(parts[:n])}"
+        if control in variants and control != variant:
+            return control
+    return BASELINE
 
 
 def summarise(results: dict, index: dict[str, dict[int, str]]) -> list[dict]:
@@ -129,10 +135,77 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     plt.close(fig)
 
 
+# The health measures (mls.health) a study draws over steps, one figure each, for every variant whose runs logged them.
+HEALTH_FIGURES = {
+    "alignment": ("health/alignment", "health/logit_neg"),
+    "spread": ("health/mean_norm", "health/uniformity"),
+    "rank": ("health/rank_z", "health/rank_g"),
+    "forces": ("health/grad_infonce", "health/grad_extra_neg", "health/grad_extra_pos"),
+}
+
+
+def health_series(results: dict, index: dict[str, dict[int, str]], names) -> dict[str, dict[str, list]]:
+    """Per variant and measure: ``[(step, mean over seeds, [value of each seed])]`` from the cells' CSV logs
+    (cells whose run folder is gone, or that logged no health, are left out)."""
+    from mls.viz.curves import find_metrics, read_metrics
+
+    out: dict[str, dict[str, list]] = {}
+    for variant, keys in index.items():
+        runs = [Path(results["cells"][key]["run"]) for key in keys.values() if "run" in results["cells"].get(key, {})]
+        logs = [read_metrics(*find_metrics(run / "csv")) for run in runs if (run / "csv").is_dir()]
+        for name in names:
+            per_seed = [dict(log[name]) for log in logs if log.get(name)]
+            if not per_seed:
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in per_seed)))
+            out.setdefault(variant, {})[name] = [(x, statistics.fmean(s[x] for s in per_seed), [s[x] for s in per_seed])
+                                                  for x in steps]
+    return out
+
+
+def health_figure(results: dict, index: dict[str, dict[int, str]], names, out: Path) -> bool:
+    """One panel per measure, one line per variant (the mean over its seeds; thin lines: each seed).
+    False (nothing written) when no run logged these measures."""
+    series = health_series(results, index, names)
+    names = [n for n in names if any(n in s for s in series.values())]
+    if not names:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mls.viz.curves import KNOWN, LEGEND
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for n, (variant, measures) in enumerate(series.items()):
+            if name not in measures:
+                continue
+            xs = [x for x, _, _ in measures[name]]
+            colour = f"C{n % 10}"
+            ax.plot(xs, [m for _, m, _ in measures[name]], color=colour, label=variant)
+            for seed in range(len(measures[name][0][2])):
+                ax.plot(xs, [v[seed] for _, _, v in measures[name]], color=colour, alpha=0.25, linewidth=0.7)
+        ax.set_title(KNOWN.get(name, LEGEND.get(name, name)) + (f" ({LEGEND[name]})" if name in LEGEND else ""),
+                     fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{results['command']} (thick: mean over seeds; thin: each seed)", fontsize=8)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
 def write_outputs(root: Path, results: dict, variants: dict[str, dict], index: dict[str, dict[int, str]]) -> str:
-    """Write results.md and results.png (of the grid's variants) beside results.json; return the Markdown."""
+    """Write results.md and results.png (of the grid's variants), and health_*.png where the runs logged the
+    health measures, beside results.json; return the Markdown."""
     table = markdown(results, variants, index)
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table))
     if any(r["val_map"] for r in summarise(results, index)):
         figure(results, index, root / "results.png")
+    for name, measures in HEALTH_FIGURES.items():
+        health_figure(results, index, measures, root / f"health_{name}.png")
     return table

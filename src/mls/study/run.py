@@ -21,12 +21,10 @@ from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
 from mls.eval.protocols import Task, knn, linear_probe
 from mls.files import atomic_write
-from mls.study.grids import Budget, cell_options, grid_cells, load_budget
+from mls.study.grids import Budget, cell_options, cell_preset, grid_cells, load_budget, resolve_cell
 from mls.study.report import write_outputs
 from mls.train import pretrain
-from mls.train.config import PretrainSettings
 from mls.viz.neighbors import checkpoint_data, dataset_bank, precision, search
-
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
 BOOKKEEPING = ("save_every", "log_every", "workers")
@@ -35,7 +33,7 @@ BOOKKEEPING = ("save_every", "log_every", "workers")
 def cell_key(options: dict, seed: int) -> str:
     """A short stable name for the settings a cell resolves to (every setting, defaults included) and its seed:
     two ways of writing the same run share a key, and a run under other defaults does not."""
-    resolved = PretrainSettings.resolve(cell_options({**options, "seed": seed}))
+    resolved = resolve_cell({**options, "seed": seed})
     settings = {name: value for name, value in resolved.values().items() if name not in BOOKKEEPING}
     settings["augment_on"] = resolved.train.views_on  # auto is cpu here and device on a GPU machine
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -175,7 +173,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
               flush=True)
         run_dir = root / "cells" / f"{variant}-{key[:8]}"
         # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
-        checkpoint = pretrain(out=str(run_dir), resume="auto", seed=seed, **{"save_every": 0, **options})
+        checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
+                              **{"save_every": 0, **options})
         results["cells"][key] = {"variant": variant, "seed": seed, "options": cells[variant], "settings": options,
                                  "run": str(run_dir), "scores": score(checkpoint, plan, seed, test, workers),
                                  "final": _final_losses(run_dir)}

@@ -6,7 +6,6 @@ import time
 
 import lightning as L
 import torch
-
 from lightning.pytorch.utilities import rank_zero_info
 
 import mls
@@ -70,6 +69,7 @@ class PretrainModule(L.LightningModule):
         # the data set's multi-hot labels, on the model's device so that the precision costs no sync
         self.register_buffer("labels", None if labels is None else labels.bool(), persistent=False)
         self._last_step_time: float | None = None
+        self.pending_health: dict[str, torch.Tensor] | None = None  # for mls.train.watch.HealthWatch
         self._failed = self._seen = 0
 
     def configure_optimizers(self):
@@ -108,13 +108,17 @@ class PretrainModule(L.LightningModule):
         if self.train_config["channels_last"]:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         weight = self.extra_weight()
-        out = self.model(x1, x2, {"index": batch["index"], "box": batch["box2"]}, extra_weight=weight)
+        out = self.model(x1, x2, {"index": batch["index"], "box": batch["box2"]}, extra_weight=weight,
+                         diagnose=self._logs_this_step())
         self._failed = self._failed + batch["failed"].sum()  # stays on the device: no sync per step
         self._seen += len(x1)
 
         logs = {f"train/{name}": out[name] for name in ("loss", "loss_infonce", "loss_extra", "pos_sim", "queue_fill")}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         logs["train/extra_weight"] = weight
+        if "health" in out:
+            logs.update({f"health/{name}": value for name, value in out["health"].items()})
+            self.pending_health = out["health"]
         if self.labels is not None:
             logs["train/label_precision"] = neighbour_precision(self.labels, batch["index"], out["neighbor_index"])
         now = time.perf_counter()
@@ -124,6 +128,12 @@ class PretrainModule(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False)
         self.log("loss", out["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return out["loss"]
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logs (every ``log_every`` steps): the health measures
+        (``mls.health``) are computed only then."""
+        trainer = self._trainer
+        return trainer is None or trainer._logger_connector.should_update_logs
 
     def on_train_epoch_end(self) -> None:
         """Report unreadable images skipped this epoch, summed over workers and ranks; stop if too many."""

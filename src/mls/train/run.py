@@ -24,11 +24,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from mls.checkpoint import UnreadableCheckpoint, atomic_save, is_pretraining_checkpoint, read_checkpoint
-from mls.files import CheckpointNotWritten
+from mls.files import CheckpointNotWritten, ensure_writable_folder
 from mls.options import flat_options
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS, PretrainSettings
 from mls.train.data import PretrainData
 from mls.train.module import PretrainModule
+from mls.train.watch import GRACE_STEPS, PATIENCE, HealthWatch
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted"
@@ -64,12 +65,33 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without ``v_num``, the logger's version folder, which says nothing about training."""
+    """Lightning's progress bar without ``v_num``, the logger's version folder, which says nothing about
+    training, and with what ``HealthWatch`` found (``health=...``) once it found something."""
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        finding = health_finding(trainer)
+        if finding is not None:
+            metrics["health"] = finding.short
         return metrics
+
+
+def health_line(trainer: L.Trainer, log_every: int) -> str:
+    """The summary's word on the embedding's health (mls.train.watch)."""
+    finding = health_finding(trainer)
+    if finding is not None:
+        return f"health: {finding.message}"
+    start = max(GRACE_STEPS, trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else 0)
+    if trainer.global_step < start + PATIENCE * log_every:
+        return f"health: not judged (the watch reads the embedding's spread from step {start} on; mls plot draws it)"
+    return "health: no sign of a collapsing or bunched embedding (mls plot draws the measures)"
+
+
+def health_finding(trainer: L.Trainer):
+    """What the run's ``HealthWatch`` found, or None."""
+    watch = next((c for c in trainer.callbacks if isinstance(c, HealthWatch)), None)
+    return None if watch is None else watch.finding
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -182,6 +204,7 @@ def build_trainer(train, out: Path) -> L.Trainer:
                             every_n_epochs=train.save_every, save_top_k=-1, save_last=True),
             InterruptedCheckpoint(out / CHECKPOINTS, filename=INTERRUPTED),
             ProgressBar(refresh_rate=max(1, train.log_every // 2)),
+            HealthWatch(train.on_collapse),
         ],
         # CSV: one version_N folder per (resumed) run, since Lightning's CSV writer starts its file anew
         logger=[TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv")],
@@ -207,16 +230,19 @@ def build_module(settings: PretrainSettings, data: PretrainData, world_size: int
 
 
 def pretrain(out: str | None = None, resume: str | None = None,
-             preset: Literal["auto", "demo", "paper"] = "auto", **options) -> Path:
+             preset: Literal["auto", "demo", "recommended", "paper"] = "auto", **options) -> Path:
     """Pretrain a backbone with MLS (or MoCo-v2) and write checkpoints and logs under OUT.
 
     Settings left out come from a preset: on the built-in scenes (no --data) the CPU demo's
-    (configs/demo_cpu.yaml: ResNet-18 at 64 px, 8 epochs, a few minutes on 2 cores), with
-    --data the main paper's (ResNet-50 at 224 px, D 4,096, λ 0.5, m 0.995, dz 256, MoCo-v2's views).
-    Each option's help gives the paper's default and, where it differs, the demo's.
+    (configs/demo_cpu.yaml: ResNet-18 at 64 px, 8 epochs, a few minutes on 2 cores); with --data the
+    recommended one: the main paper's (ResNet-50 at 224 px, D 4,096, k 20, m 0.995, dz 256, MoCo-v2's
+    views) with the extra loss balanced, at λ 0.25, from epoch 2, since the paper's Eq. 9 from the first
+    step fell 16-26 mAP behind MoCo-v2 at every budget measured (8-32 epochs; docs/study/health), where
+    this one was level with it. --preset paper runs the paper's setting as published.
+    Each option's help gives the paper's default and, where they differ, the recommended and demo values.
     """
     settings = PretrainSettings.resolve(options, preset)
-    out_dir = Path(out or ("runs/demo" if settings.preset == "demo" else "runs/pretrain"))
+    out_dir = ensure_writable_folder(out or ("runs/demo" if settings.preset == "demo" else "runs/pretrain"))
     L.seed_everything(settings.train.seed, workers=True, verbose=False)
     data = build_data(settings)
     ckpt_path = resolve_resume(resume, out_dir)
@@ -228,9 +254,10 @@ def pretrain(out: str | None = None, resume: str | None = None,
                               "pass --resume auto to continue it, or choose another --out")
     # before Lightning prints anything: what one process can already tell (build_module checks all ranks)
     check_settings(len(data.source), settings.train.batch_size, 1, settings.model.queue_size)
+    rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}); "
+                   f"{settings.summary()}; writing to {out_dir}")
     trainer = build_trainer(settings.train, out_dir)
     module = build_module(settings, data, trainer.world_size)
-    rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}), writing to {out_dir}")
     with warnings.catch_warnings():
         for message in _NOT_APPLICABLE:
             warnings.filterwarnings("ignore", message=message)
@@ -267,13 +294,14 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
     lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
     if means.get("loss") is not None:
         terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
-        if "loss_extra" in means:
+        if settings.model.method == "mls" and "loss_extra" in means:
             terms += f", extra {means['loss_extra']:.3f} at mean λ {means.get('extra_weight', float('nan')):.2f}"
         terms += ")"
         if "label_precision" in means:
             terms += f", pseudo-label precision {means['label_precision']:.3f} (share of selected neighbours " \
                      "sharing a class with their query)"
         lines.append(f"epoch {epoch} on average: {terms}")
+    lines.append(health_line(trainer, settings.train.log_every))
     lines.append(f"logs: {trainer.loggers[1].log_dir}/metrics.csv and {out / 'tensorboard'}")
     evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
                 else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
@@ -286,9 +314,10 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
 
 
 def _describe(f) -> str:
-    """An option's help: its doc, the paper's default and, where it differs, the demo's value."""
-    demo = PRESETS["demo"].get(f.name, f.default)
-    return f"{f.metadata['doc']} [paper: {f.default}" + (f"; demo: {demo}]" if demo != f.default else "]")
+    """An option's help: its doc, the paper's default and, where they differ, the recommended and demo values."""
+    others = [(name, PRESETS[name].get(f.name, f.default)) for name in ("recommended", "demo")]
+    return f"{f.metadata['doc']} [paper: {f.default}" + "".join(
+        f"; {name}: {value}" for name, value in others if value != f.default) + "]"
 
 
 pretrain.__doc__ += """
@@ -296,6 +325,6 @@ pretrain.__doc__ += """
         out: output folder: checkpoints/, tensorboard/ and csv/ logs (default: runs/demo, or runs/pretrain with --data).
         resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT
             holding checkpoints is refused).
-        preset: where unset options come from: auto (demo without --data, else paper), """ + ", ".join(
+        preset: where unset options come from: auto (demo without --data, else recommended), """ + ", ".join(
     f"{name} ({text})" for name, text in PRESET_HELP.items()) + "."
 pretrain = flat_options(pretrain, SETTINGS, unset_is_none=True, describe=_describe)

@@ -1,0 +1,95 @@
+"""A run that notices: the health watch fires on collapsed or bunched queues, stays silent on spread ones and on
+the measured healthy runs, and warns or stops a real run."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mls.train.watch as watch
+from mls.health import queue_health
+from mls.train import pretrain
+
+RECORD = Path(__file__).parents[1] / "docs" / "study" / "health" / "watch_replay.json"
+
+
+def measures(queue: torch.Tensor) -> dict[str, float]:
+    return {k: float(v) for k, v in queue_health(queue, torch.ones(len(queue), dtype=torch.bool)).items()}
+
+
+def test_a_queue_built_to_collapse_is_reported_and_a_spread_one_is_not():
+    one_key = F.normalize(torch.randn(1, 32), dim=1).expand(256, 32)
+    found = watch.assess(measures(one_key))
+    assert found.short == "collapsed" and "effective rank of 1.0" in found.message
+    assert "--preset recommended" in found.message  # names the option that avoids it
+
+    spread = F.normalize(torch.randn(256, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert watch.assess(measures(spread)) is None
+
+    # keys bunched around one direction (cosine ~0.8 between them), as the paper's setting leaves its queue
+    direction = F.normalize(torch.randn(1, 32), dim=1)
+    bunched = F.normalize(direction + 0.35 * F.normalize(torch.randn(256, 32), dim=1), dim=1)
+    found = watch.assess(measures(bunched))
+    assert found.short == "not spreading" and "‖mean(Q_z)‖ = 0.9" in found.message
+    assert "learning rate" in watch.assess(measures(bunched), method="mocov2").message
+
+
+def run_watch(values, on_collapse="warn", steps_per_epoch=10):
+    """Feed the watch one log step's measures per entry of ``values`` (mean_norm), from step 200 on."""
+    callback = watch.HealthWatch(on_collapse)
+    module = SimpleNamespace(pending_health=None, hparams=SimpleNamespace(steps_per_epoch=steps_per_epoch),
+                             model=SimpleNamespace(config=SimpleNamespace(method="mls")))
+    trainer = SimpleNamespace(global_step=200, should_stop=False)
+    for n, value in enumerate(values):
+        module.pending_health = {"mean_norm": torch.tensor(value), "rank_z": torch.tensor(40.0)}
+        trainer.global_step = 200 + 10 * n
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+        assert module.pending_health is None
+    return callback, trainer
+
+
+def test_the_watch_waits_for_patience_and_stops_when_asked():
+    callback, trainer = run_watch([0.9, 0.9, 0.5, 0.9, 0.9])  # never three in a row
+    assert callback.finding is None and not trainer.should_stop
+    callback, trainer = run_watch([0.9, 0.9, 0.9])
+    assert callback.finding.short == "not spreading" and not trainer.should_stop
+    callback, trainer = run_watch([0.9, 0.9, 0.9], on_collapse="stop")
+    assert trainer.should_stop
+
+
+def test_the_limits_separate_the_measured_runs():
+    """The logged ‖mean(Q_z)‖ and rank of the runs in docs/study/health, replayed through the watch: it fires
+    on every run of the paper's setting and of Eq. 9 balanced from the first step, and on none of MoCo-v2's,
+    the demo's or the warm-up's."""
+    record = json.loads(RECORD.read_text())
+    for run in record["runs"]:
+        callback = watch.HealthWatch()
+        module = SimpleNamespace(pending_health=None, hparams=SimpleNamespace(steps_per_epoch=run["steps_per_epoch"]),
+                                 model=SimpleNamespace(config=SimpleNamespace(method=run["method"])))
+        trainer = SimpleNamespace(global_step=0, should_stop=False)
+        for step, mean_norm, rank in run["log"]:
+            module.pending_health = {"mean_norm": torch.tensor(mean_norm), "rank_z": torch.tensor(rank)}
+            trainer.global_step = step + 1
+            callback.on_train_batch_end(trainer, module, None, None, 0)
+        assert (callback.finding is not None) == run["degraded"], run["name"]
+
+
+@pytest.mark.slow
+def test_a_run_warns_in_its_log_bar_and_summary_and_stops_when_asked(tmp_path, monkeypatch, capsys):
+    """Wiring, with the limit set so that any embedding counts as bunched: the warning reaches the log, the
+    progress bar and the summary, and --on-collapse stop ends the run early with its checkpoint."""
+    monkeypatch.setattr(watch, "MEAN_NORM_LIMIT", -1.0)
+    monkeypatch.setattr(watch, "GRACE_STEPS", 0)
+    tiny = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1,
+                epochs=2)
+    pretrain(out=str(tmp_path / "warn"), max_steps=8, **tiny)
+    text = capsys.readouterr()
+    both = text.out + text.err
+    assert "mls: warning at step" in both and "health=not spreading" in both
+    assert "health: the embedding is not spreading" in both  # the summary
+    last = pretrain(out=str(tmp_path / "stop"), on_collapse="stop", **tiny)
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] < 12  # 6 steps an epoch, 2 epochs: stopped after the grace and patience
+    assert "stopping the run" in "".join(capsys.readouterr())
