@@ -26,6 +26,22 @@ def ensure_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def ensure_writable_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) and check that a file can be written in it, before
+    any work; a plain-words error otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {str(path)!r} is a file; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PermissionError(f"output folder {str(path)!r} cannot be created or written: "
+                              f"{err.strerror or err}; choose another --out") from None
+    return path
+
+
 class CheckpointNotWritten(OSError):
     """A checkpoint could not be written (full disk, read-only folder): the run stops, older files stay as they were."""
 
