@@ -44,3 +44,22 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(monk
         code, message, printed = run_console(monkeypatch, capsys, "pretrain", "--out", out, "--max-steps", "1")
         assert code != 0 and message.startswith("mls: error: output folder") and reason in message
         assert len(message.splitlines()) == 1 and "GPU available" not in printed + message
+
+
+@pytest.mark.slow
+def test_importing_mls_changes_no_logging_state():
+    """Lightning's log filter is installed when a run starts, not when a module is imported."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import logging
+        names = ["", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch"]
+        import lightning  # Lightning's own handlers, which mls must leave as they are
+        def state():
+            return [(list(logging.getLogger(n).filters), list(logging.getLogger(n).handlers)) for n in names]
+        before = state()
+        import mls, mls.train.run, mls.cli, mls.study.run, mls.viz.neighbors, mls.transfer.commands
+        assert state() == before, (before, state())
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -60,8 +60,15 @@ class _NoTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-    logging.getLogger(_name).addFilter(_NoTips())
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def quiet_lightning_tips() -> None:
+    """Install ``_NoTips`` on Lightning's loggers, once: called when a run starts, never at import."""
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
 
 
 class ProgressBar(TQDMProgressBar):
@@ -242,6 +249,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
     Each option's help gives the paper's default and, where they differ, the recommended and demo values.
     """
     settings = PretrainSettings.resolve(options, preset)
+    quiet_lightning_tips()
     out_dir = ensure_writable_folder(out or ("runs/demo" if settings.preset == "demo" else "runs/pretrain"))
     L.seed_everything(settings.train.seed, workers=True, verbose=False)
     data = build_data(settings)
@@ -290,7 +298,8 @@ def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
 def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path) -> str:
     """What a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
     precision, where the files are, and the commands that look at the result."""
-    epoch, means = last_epoch_means(Path(trainer.loggers[1].log_dir) / "metrics.csv")
+    csv_dir = next(logger.log_dir for logger in trainer.loggers if isinstance(logger, CSVLogger))
+    epoch, means = last_epoch_means(Path(csv_dir) / "metrics.csv")
     lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
     if means.get("loss") is not None:
         terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
@@ -302,7 +311,7 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
                      "sharing a class with their query)"
         lines.append(f"epoch {epoch} on average: {terms}")
     lines.append(health_line(trainer, settings.train.log_every))
-    lines.append(f"logs: {trainer.loggers[1].log_dir}/metrics.csv and {out / 'tensorboard'}")
+    lines.append(f"logs: {csv_dir}/metrics.csv and {out / 'tensorboard'}")
     evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
                 else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
     lines += ["next:",
