@@ -193,7 +193,9 @@ def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_command
         "1,10,0.5,100,0.5,3.0,1.0,2.5,\n"
         "1,11,0.5,100,0.7,5.0,3.0,3.5,\n"
         "1,11,,,,,,,0.0\n")
-    trainer = SimpleNamespace(loggers=[None, SimpleNamespace(log_dir=str(logs))], global_step=12, current_epoch=2)
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = SimpleNamespace(loggers=[None, CSVLogger(tmp_path, name="csv", version=0)], global_step=12, current_epoch=2)
     last = tmp_path / "checkpoints" / "last.ckpt"
     text = run_summary(trainer, PretrainSettings.resolve({}, "demo"), tmp_path, last)
     assert "12 steps, 2 epochs" in text

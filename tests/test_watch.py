@@ -77,19 +77,21 @@ def test_the_limits_separate_the_measured_runs():
 
 
 @pytest.mark.slow
-def test_a_run_warns_in_its_log_bar_and_summary_and_stops_when_asked(tmp_path, monkeypatch, capsys):
+def test_a_run_warns_in_its_log_bar_and_summary_and_stops_when_asked(tmp_path, monkeypatch, capsys, caplog):
     """Wiring, with the limit set so that any embedding counts as bunched: the warning reaches the log, the
     progress bar and the summary, and --on-collapse stop ends the run early with its checkpoint."""
     monkeypatch.setattr(watch, "MEAN_NORM_LIMIT", -1.0)
     monkeypatch.setattr(watch, "GRACE_STEPS", 0)
     tiny = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1,
                 epochs=2)
+    caplog.set_level("INFO")
     pretrain(out=str(tmp_path / "warn"), max_steps=8, **tiny)
-    text = capsys.readouterr()
-    both = text.out + text.err
-    assert "mls: warning at step" in both and "health=not spreading" in both
-    assert "health: the embedding is not spreading" in both  # the summary
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "mls: warning at step" in logged and "the embedding is not spreading" in logged
+    assert "health: the embedding is not spreading" in logged  # the summary
+    assert "health=not spreading" in capsys.readouterr().out  # the progress bar's postfix
+    caplog.clear()
     last = pretrain(out=str(tmp_path / "stop"), on_collapse="stop", **tiny)
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] < 12  # 6 steps an epoch, 2 epochs: stopped after the grace and patience
-    assert "stopping the run" in "".join(capsys.readouterr())
+    assert "stopping the run" in "\n".join(record.getMessage() for record in caplog.records)

@@ -5,6 +5,8 @@
   tests replay it through the health watch (tests/test_watch.py), so its limits stay those the runs support;
 - ``early.png``: the first 100 steps of seed 0 of each variant (alignment, the mean logit of the negatives,
   ‖mean(Q_z)‖, the forces on z1), where the paper's setting goes wrong;
+- ``measures.md``: per variant, the measures the explanation rests on at a few steps (mean ± std over the
+  seeds with a log);
 - ``rankme.md``: whether the effective rank at the end of a run (RankMe, label-free) orders the cells as the
   probe's mAP does (Spearman's rank correlation over every cell with a log).
 
@@ -86,6 +88,48 @@ def early_figure(cells: list[dict], out: Path, last_step: int = 100) -> None:
     plt.close(fig)
 
 
+# (measure, step or "mean" over the run, heading)
+MEASURES = [
+    ("health/alignment", 9, "alignment at step 9"),
+    ("health/logit_neg", 9, "logit p/τ of the negatives at step 9"),
+    ("health/mean_norm", 9, "‖mean(Q_z)‖ at step 9"),
+    ("health/mean_norm", 99, "at step 99"),
+    ("health/mean_norm", 239, "at step 239"),
+    ("health/uniformity", 239, "uniformity at step 239"),
+    ("health/rank_z", 239, "RankMe of Q_z at step 239"),
+    ("health/grad_extra_pos", "mean", "force of the positive terms (mean over steps)"),
+    ("health/grad_extra_neg", "mean", "force of the negative terms"),
+    ("health/grad_infonce", "mean", "InfoNCE's force"),
+]
+
+
+def measures_table(cells: list[dict]) -> str:
+    import statistics
+
+    variants = sorted({c["variant"] for c in cells})
+    lines = ["| variant | runs | " + " | ".join(h for _, _, h in MEASURES) + " |",
+             "|---|---|" + "---|" * len(MEASURES)]
+    for variant in variants:
+        runs = [c["series"] for c in cells if c["variant"] == variant]
+        row = []
+        for name, at, _ in MEASURES:
+            values = []
+            for series in runs:
+                points = dict(series.get(name, []))
+                if not points:
+                    continue
+                values.append(statistics.fmean(points.values()) if at == "mean" else points.get(at))
+            values = [v for v in values if v is not None]
+            if not values:
+                row.append("–")
+            elif len(values) == 1:
+                row.append(f"{values[0]:.2f}")
+            else:
+                row.append(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}")
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def rankme(cells: list[dict]) -> str:
     from scipy.stats import spearmanr
 
@@ -107,6 +151,8 @@ def main() -> None:
     (args.out / "watch_replay.json").write_text(json.dumps(replay_record(cells, results, args.demo)) + "\n")
     early_figure(cells, args.out / "early.png")
     (args.out / "rankme.md").write_text(rankme(cells))
+    (args.out / "measures.md").write_text(measures_table(cells))
+    print((args.out / "measures.md").read_text())
     print((args.out / "rankme.md").read_text())
 
 

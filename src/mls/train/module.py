@@ -132,8 +132,8 @@ class PretrainModule(L.LightningModule):
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this step's logs (every ``log_every`` steps): the health measures
         (``mls.health``) are computed only then."""
-        trainer = self._trainer
-        return trainer is None or trainer._logger_connector.should_update_logs
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return connector is None or connector.should_update_logs  # outside a trainer: always
 
     def on_train_epoch_end(self) -> None:
         """Report unreadable images skipped this epoch, summed over workers and ranks; stop if too many."""

@@ -89,7 +89,8 @@ def health_line(trainer: L.Trainer, log_every: int) -> str:
     finding = health_finding(trainer)
     if finding is not None:
         return f"health: {finding.message}"
-    start = max(GRACE_STEPS, trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else 0)
+    per_epoch = getattr(trainer, "num_training_batches", 0)
+    start = max(GRACE_STEPS, per_epoch if math.isfinite(per_epoch) else 0)
     if trainer.global_step < start + PATIENCE * log_every:
         return f"health: not judged (the watch reads the embedding's spread from step {start} on; mls plot draws it)"
     return "health: no sign of a collapsing or bunched embedding (mls plot draws the measures)"
@@ -97,7 +98,7 @@ def health_line(trainer: L.Trainer, log_every: int) -> str:
 
 def health_finding(trainer: L.Trainer):
     """What the run's ``HealthWatch`` found, or None."""
-    watch = next((c for c in trainer.callbacks if isinstance(c, HealthWatch)), None)
+    watch = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, HealthWatch)), None)
     return None if watch is None else watch.finding
 
 
@@ -250,7 +251,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
     """
     settings = PretrainSettings.resolve(options, preset)
     quiet_lightning_tips()
-    out_dir = ensure_writable_folder(out or ("runs/demo" if settings.preset == "demo" else "runs/pretrain"))
+    out_dir = Path(out or ("runs/demo" if settings.preset == "demo" else "runs/pretrain"))
     L.seed_everything(settings.train.seed, workers=True, verbose=False)
     data = build_data(settings)
     ckpt_path = resolve_resume(resume, out_dir)
@@ -262,6 +263,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
                               "pass --resume auto to continue it, or choose another --out")
     # before Lightning prints anything: what one process can already tell (build_module checks all ranks)
     check_settings(len(data.source), settings.train.batch_size, 1, settings.model.queue_size)
+    ensure_writable_folder(out_dir)  # the last check before the run's first line: a refused run leaves no folder
     rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}); "
                    f"{settings.summary()}; writing to {out_dir}")
     trainer = build_trainer(settings.train, out_dir)
