@@ -67,6 +67,7 @@ def test_export_eval_and_visualize_read_an_old_checkpoint(tmp_path):
     assert (tmp_path / "nn.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_newer_mls_is_refused_in_one_line_naming_the_version(tmp_path):
     ckpt = tmp_path / "new.ckpt"
     old_checkpoint(ckpt, mls_version="9.0.0")

@@ -92,6 +92,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_files_are_refused_in_one_line_by_every_command(tmp_path):
     files = bad_files(tmp_path)
     cases = [(command, *files[kind]) for command in COMMANDS for kind in ("truncated", "foreign")]
@@ -128,6 +129,7 @@ def test_resume_auto_skips_an_unreadable_checkpoint_for_the_furthest_readable_on
         resolve_resume("auto", tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_auto_trains_on_past_a_corrupt_last_ckpt(tmp_path):
     out = tmp_path / "run"
     pretrain(out=str(out), epochs=3, max_steps=7, **TINY)  # epoch000.ckpt at step 6, last.ckpt at step 7
@@ -145,6 +147,7 @@ def write_images(folder: Path, n: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_neighbors_refuses_other_data_than_the_checkpoints_unless_forced(tmp_path):
     from mls.checkpoint import save_pretrained
     from mls.data.images import ImageFolderSource

@@ -75,6 +75,7 @@ def test_sigkill_at_a_random_moment_leaves_a_run_that_resumes(tmp_path):
         assert read_checkpoint(resumed)["global_step"] == step + 2, f"trial {trial}"
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     """A checkpoint write that fails half-way (ENOSPC) leaves every file written before byte-identical and
     no temporary file, and the mls executable says what happened in one line."""
@@ -123,6 +124,7 @@ def test_a_failed_atomic_write_leaves_the_previous_file_byte_identical(tmp_path,
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_save_every_zero_keeps_last_checkpoint_only_and_a_negative_value_is_refused(tmp_path):
     """save_every 0 (what a study's cells use) writes last.ckpt at each epoch's end and no epochNNN.ckpt."""
     out, small = tmp_path / "run", {**TINY, "num_images": 16, "queue_size": 12}  # 2 steps an epoch

@@ -46,6 +46,19 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(monk
         assert len(message.splitlines()) == 1 and "GPU available" not in printed + message
 
 
+def test_every_module_imports():
+    """The quick tier touches every module: each imports on its own."""
+    import importlib
+    import pkgutil
+
+    import mls
+
+    names = [m.name for m in pkgutil.walk_packages(mls.__path__, "mls.")]
+    assert len(names) > 40
+    for name in names:
+        importlib.import_module(name)
+
+
 @pytest.mark.slow
 def test_importing_mls_changes_no_logging_state():
     """Lightning's log filter is installed when a run starts, not when a module is imported."""

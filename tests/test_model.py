@@ -263,6 +263,7 @@ def _module(**train) -> PretrainModule:
     return module
 
 
+@pytest.mark.slow
 def test_a_compiled_step_gives_the_eager_steps_loss_and_gradients():
     """``compile``: torch.compile of both encoders and heads, in place. The suite traces with ``aot_eager``
     (TorchDynamo's graph capture and AOTAutograd's joint graph, as inductor gets them, without generating

@@ -32,6 +32,7 @@ def metrics(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cli_pretrain_writes_checkpoint_and_logs_and_exports(tmp_path):
     main(["pretrain", *tiny_args(tmp_path / "run", epochs=1, max_steps=3)])
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -63,6 +64,7 @@ class Crash(Exception):
 @pytest.mark.parametrize("stop, how", [(STEPS_PER_EPOCH, "max_steps"), (STEPS_PER_EPOCH, "crash"),
                                        (STEPS_PER_EPOCH + 2, "crash")],
                          ids=["epoch-end", "crash-after-last-batch", "crash-mid-epoch"])
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch, stop, how):
     """2 epochs straight == stopped after `stop` steps and resumed: same weights and queues (CPU, up to 1e-6).
 
@@ -123,6 +125,7 @@ def test_missing_and_empty_folders_fail_before_training(tmp_path):
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_odd_and_corrupt_images_are_read_or_skipped_and_counted(tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, 42)  # with the 6 below: 48 files, 6 full batches, every file read once
@@ -139,6 +142,7 @@ def test_odd_and_corrupt_images_are_read_or_skipped_and_counted(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_too_many_unreadable_images_stop_the_run(tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, 30)
@@ -214,6 +218,7 @@ def test_resume_auto_takes_the_checkpoint_that_got_furthest(tmp_path):
         resolve_resume(str(tmp_path / "missing.ckpt"), tmp_path)
 
 
+@pytest.mark.slow
 def test_mixed_precision_channels_last_and_half_queue_g_run(tmp_path):
     main(["pretrain", *tiny_args(tmp_path / "run", epochs=1, max_steps=2, precision="bf16-mixed",
                                  channels_last="true", queue_g_dtype="bfloat16")])
@@ -221,6 +226,7 @@ def test_mixed_precision_channels_last_and_half_queue_g_run(tmp_path):
     assert model.queue["g"].dtype == torch.bfloat16 and int(model.queue.count) == 16
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_neither_overwrites_nor_silently_resumes(tmp_path):
     first = pretrain(out=str(tmp_path), epochs=1, max_steps=2, **TINY)
     before = first.read_bytes()
@@ -235,6 +241,7 @@ def test_a_second_run_into_the_same_folder_neither_overwrites_nor_silently_resum
     assert first.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_presets_record_their_views_and_resume_refuses_other_data(tmp_path, caplog):
     """--data takes the recommended preset, named with its settings as resolved in the run's first line, and
     MoCo-v2's views (hue 0.1, grayscale 0.2), the demo neither; the data's fingerprint is recorded, and resuming
@@ -263,6 +270,7 @@ def test_presets_record_their_views_and_resume_refuses_other_data(tmp_path, capl
     assert demo["data"]["fingerprint"] == "built-in scenes: 48 of 32 px, seed 0"
 
 
+@pytest.mark.slow
 def test_an_impossible_queue_is_refused_before_lightning_prints_anything(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mls.cli", "pretrain", *tiny_args(tmp_path, queue_size=48, epochs=1)],
                           capture_output=True, text=True, env={**os.environ, "MLS_TRACEBACK": ""})

@@ -53,6 +53,7 @@ def test_voc_through_the_cli_trains_faster_rcnn_and_averages_two_runs(tmp_path):
     assert result["settings"]["max_iters"] == 1 and result["settings"]["train_sizes"] == [64]
 
 
+@pytest.mark.slow
 def test_voc_segmentation_trains_an_fcn_and_reports_miou_macc_aacc(tmp_path):
     write_voc(tmp_path / "voc", num_images=8, image_size=32, seed=0)
     result = segment(weights="random", data=str(tmp_path / "voc"), dataset="voc-seg", runs=1, max_iters=2,
@@ -87,6 +88,7 @@ def test_detection_starts_from_a_pretraining_checkpoint(tmp_path):
     assert (result["arch"], result["small_stem"], result["weights"]) == ("resnet18", False, str(ckpt))
 
 
+@pytest.mark.slow
 def test_coco_with_masks_through_the_cli_trains_mask_rcnn_c4(tmp_path):
     write_coco(tmp_path / "coco", num_images=4, image_size=64, seed=0)
     out = tmp_path / "out"
@@ -100,6 +102,7 @@ def test_coco_with_masks_through_the_cli_trains_mask_rcnn_c4(tmp_path):
     assert "train/loss_mask" in (out / "run0" / "metrics.csv").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_voc_segmentation_through_the_cli_trains_a_pspnet(tmp_path):
     write_voc(tmp_path / "voc", num_images=8, image_size=32, seed=0)
     out = tmp_path / "out"

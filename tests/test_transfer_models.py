@@ -36,6 +36,7 @@ def test_detector_fine_tunes_every_layer_with_trainable_batchnorm_on_the_given_w
     assert ("loss_mask" in losses) == masks and all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 def test_fcn_dilates_resnet50_to_output_stride_8_with_the_same_weights():
     backbone, _ = build_backbone("resnet50", small_stem=False)
     expected = backbone.state_dict()
@@ -51,6 +52,7 @@ def test_fcn_dilates_resnet50_to_output_stride_8_with_the_same_weights():
         dilated(build_backbone("resnet18")[0], "resnet18")
 
 
+@pytest.mark.slow
 def test_pspnet_pools_the_stride_8_map_of_dilated_resnet50_into_bins_1_2_3_6():
     torch.manual_seed(0)
     model = build_segmenter(build_backbone("resnet50")[0], "resnet50", num_classes=5, head="pspnet").eval()
@@ -179,6 +181,7 @@ def test_segmentation_evaluation_matches_a_pixel_count_over_the_test_set():
     assert scores["aAcc"] == pytest.approx(100 * float((pred == target).float().mean()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masks", [False, True], ids=["faster_rcnn_c4", "mask_rcnn_c4"])
 def test_c4_detector_splits_the_resnet_at_layer3_and_runs_layer4_as_the_box_head(masks):
     backbone, _ = build_backbone("resnet18")
