@@ -6,7 +6,7 @@ For each query ``x1`` and its key view ``x2``:
    when the extra loss scores ``Q_g``, Table 7's "Q_g only").
 2. The key encoder (backbone and MLP) moves towards the query encoder,
    ``θk ← m·θk + (1−m)·θq``, then gives ``g2``, ``z2`` without gradient.
-3. InfoNCE scores ``z2`` against ``Q_z`` (MoCo-v2).
+3. InfoNCE scores ``z1`` against its key ``z2`` and the keys of ``Q_z`` (MoCo-v2).
 4. MLS (``method="mls"``): the top-k entries of ``ĝ1·Q_gᵀ`` are the positive pseudo-labels ``y``,
    and the extra loss (BCE, Eq. 9) scores ``p = z1·Q_zᵀ`` against ``y``; the total is
    ``L_InfoNCE + λ·L_extra`` (main paper Eq. 10).

@@ -1,7 +1,9 @@
 """Pseudo-label selection: each query's top-k neighbours in a queue are its positives.
 
 MLS selects with the backbone feature ``g1`` against ``Q_g`` (main paper Fig. 3); the
-Table 7 ablation selects with ``z1`` against ``Q_z``. Both go through ``select_topk``.
+Table 7 ablation selects with ``z1`` against ``Q_z``. The training step ranks the similarities it
+already holds with ``topk_indices`` and ``labels_from_indices``; ``select_topk`` is the same selection
+from raw features, for use outside a step.
 """
 from __future__ import annotations
 

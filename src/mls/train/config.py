@@ -92,6 +92,7 @@ class TrainConfig:
         return min(8, os.cpu_count() or 1) if self.workers is None else self.workers
 
     def learning_rate(self, total_batch: int) -> float:
+        """SGD's rate for a total batch: ``lr``, or 0.3 x total batch / 256 (§4.1) when it is not set."""
         return 0.3 * total_batch / 256 if self.lr is None else self.lr
 
 

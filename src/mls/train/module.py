@@ -9,8 +9,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 import mls
-from mls.config import MLSConfig
+from mls.config import MLSConfig, from_dict
 from mls.model import MLS
+from mls.train.config import TrainConfig
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -49,10 +50,10 @@ class PretrainModule(L.LightningModule):
     """SGD with momentum, warm-up + cosine schedule stepped every iteration, λ's schedule, one log per term.
 
     ``model``, ``train`` and ``view`` are the run's ``MLSConfig``, ``TrainConfig`` and ``ViewConfig`` as
-    dicts (stored in the checkpoint as they are). The learning-rate schedule spans every epoch of the
-    run, so a run stopped early and resumed follows the same rates as one that ran straight through.
-    ``data`` describes the training data (for the figures); ``labels`` — the data set's multi-hot
-    table when known — turns on the pseudo-label precision log.
+    dicts (stored in the checkpoint as they are); ``train_config`` holds the ``TrainConfig`` itself. The
+    learning-rate schedule spans every epoch of the run, so a run stopped early and resumed follows the
+    same rates as one that ran straight through. ``data`` describes the training data (for the figures);
+    ``labels`` — the data set's multi-hot table when known — turns on the pseudo-label precision log.
     """
 
     def __init__(self, model: dict, train: dict, view: dict | None = None, steps_per_epoch: int = 1,
@@ -61,11 +62,11 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["labels"])
         self.model = MLS(MLSConfig(**model))
-        self.train_config = train
-        if train["channels_last"]:
+        self.train_config = t = from_dict(TrainConfig, train)  # typed; the checkpoint keeps the dict
+        if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if train.get("compile"):  # checkpoints with and without compile are interchangeable
-            self.model.compile_encoders(train["compile"])
+        if t.compile:  # checkpoints with and without compile are interchangeable
+            self.model.compile_encoders(t.compile)
         # the data set's multi-hot labels, on the model's device so that the precision costs no sync
         self.register_buffer("labels", None if labels is None else labels.bool(), persistent=False)
         self._last_step_time: float | None = None
@@ -74,29 +75,25 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         t, hp = self.train_config, self.hparams
-        total, warmup = hp.steps_per_epoch * t["epochs"], round(t["warmup_epochs"] * hp.steps_per_epoch)
+        total, warmup = hp.steps_per_epoch * t.epochs, round(t.warmup_epochs * hp.steps_per_epoch)
         decay, no_decay = [], []  # the logit bias of the BCE is a prior, not a weight: no decay
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if name == "logit_bias" else decay).append(p)
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-        optimizer = torch.optim.SGD(groups, lr=self._lr(), momentum=t["sgd_momentum"], weight_decay=t["weight_decay"],
-                                    foreach=True)  # one kernel per group rather than one per tensor
+        optimizer = torch.optim.SGD(groups, lr=t.learning_rate(hp.total_batch), momentum=t.sgd_momentum,
+                                    weight_decay=t.weight_decay, foreach=True)  # one kernel per group rather than one per tensor
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def _lr(self) -> float:
-        lr = self.train_config["lr"]
-        return 0.3 * self.hparams.total_batch / 256 if lr is None else lr
 
     def extra_weight(self, step: int | None = None) -> float | torch.Tensor:
         """λ for a training step (default: this one): the configured weight times its schedule (start,
         ramp, full queue). From the step count, so also right in an epoch that a resumed run starts half-way."""
         t = self.train_config
         step = self.global_step if step is None else step
-        factor = extra_weight_factor(step / self.hparams.steps_per_epoch, t["extra_start_epoch"], t["extra_ramp_epochs"])
+        factor = extra_weight_factor(step / self.hparams.steps_per_epoch, t.extra_start_epoch, t.extra_ramp_epochs)
         weight = self.model.config.extra_weight * factor
-        if t["extra_after_full_queue"]:
+        if t.extra_after_full_queue:
             weight = weight * self.model.queue.full  # a tensor: no host sync
         return weight
 
@@ -105,7 +102,7 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x1, x2 = batch["view1"], batch["view2"]
-        if self.train_config["channels_last"]:
+        if self.train_config.channels_last:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         weight = self.extra_weight()
         out = self.model(x1, x2, {"index": batch["index"], "box": batch["box2"]}, extra_weight=weight,
@@ -146,7 +143,7 @@ class PretrainModule(L.LightningModule):
         share = failed / (failed + seen)
         rank_zero_info(f"epoch {self.current_epoch}: skipped {failed} unreadable images "
                        f"({share:.1%} of {failed + seen} read)")
-        limit = self.train_config["max_failed_share"]
+        limit = self.train_config.max_failed_share
         if share > limit:
             raise RuntimeError(
                 f"{share:.1%} of the images read in epoch {self.current_epoch} were unreadable, more than "
