@@ -15,7 +15,7 @@ DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 if [[ -n "${QUICK:-}" ]]; then  # tiny sizes: checks the script, measures nothing
     STEP=(--arch resnet18 --image-size 32 --batch-size 8 --queue-size 256 --precision fp32 --steps 3 --warmup 1)
-    PRE=(--arch resnet18 --image-size 32 --batch-size 8 --num-images 64 --queue-size 32 --max-steps 4 --workers 0)
+    PRE=(--arch resnet18 --image-size 32 --batch-size 8 --num-images 64 --queue-size 32 --max-steps 12 --workers 0)
     THR=(--arch resnet18 --image-size 32 --batch-size 8 --queue-size 256 --precision fp32 --sizes 32 --seconds 0.5
          --steps 6 --skip 2 --jpegs 16)
 else
@@ -40,7 +40,7 @@ tail -12 "$OUT/throughput.log"
 echo "== 4. pretraining with the views on the device"
 rm -rf "$OUT/pretrain"
 start=$(date +%s)
-mls pretrain --out "$OUT/pretrain" --epochs 1 --augment-on "$([[ $DEVICE == cuda ]] && echo device || echo cpu)" \
+mls pretrain --out "$OUT/pretrain" --epochs 2 --augment-on "$([[ $DEVICE == cuda ]] && echo device || echo cpu)" \
     --log-every 10 "${PRE[@]}" > "$OUT/pretrain.log" 2>&1 || status=1
 seconds=$(( $(date +%s) - start ))
 grep -E "^(mls pretrain|done|epoch|health)" "$OUT/pretrain.log"
@@ -68,8 +68,10 @@ if thr.get("step_images_per_sec"):
 if thr.get("device_views_per_sec"):
     rows.append(("views on the device", f"{thr['device_views_per_sec']:.0f} views/s"))
 logs = sorted((out / "pretrain" / "csv").glob("version_*/metrics.csv"))
+rates = []
 if logs:
     rates = [float(r["train/images_per_sec"]) for r in csv.DictReader(open(logs[-1])) if r.get("train/images_per_sec")]
+if rates:
     rows.append(("pretraining, views on the device", f"{seconds} s in all, median {sorted(rates)[len(rates) // 2]:.0f} "
                                                       f"images/s over {len(rates)} logged steps"))
 width = max(len(k) for k, _ in rows)

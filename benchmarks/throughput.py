@@ -249,7 +249,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # step_overhead's step names the device by its type
         step_args = argparse.Namespace(**{**vars(args), "device": device.type, "steps": max(5, args.steps // 3)})
-        c = {m: args.batch_size / statistics.median(t) for m, t in time_both(step_args, health=False).items()}
+        c = {m: args.batch_size / statistics.median(t) for m, t in time_both(step_args).items()}
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"\n(c) model step alone: MoCo-v2 {c['mocov2']:.0f} images/s, MLS {c['mls']:.0f} images/s "
