@@ -1,4 +1,5 @@
-"""Helpers shared by the test files: a tiny model, a filled queue, a tiny checkpoint, a report reader, VOC XML.
+"""Helpers shared by the test files: a tiny model, a filled queue, a tiny checkpoint, a report reader, VOC XML,
+and ``TINY``, the settings of a pretraining a few steps long.
 
 Import them by name (``from conftest import tiny``); pytest puts this folder on the path.
 """
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 
 from mls import MLS
 from mls.checkpoint import save_pretrained
+
+# `mls pretrain` settings of a few-step run: 48 built-in scenes of 32 px in batches of 8 (6 steps an epoch)
+TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
 
 
 def pytest_collection_modifyitems(config, items):

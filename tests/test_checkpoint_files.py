@@ -15,13 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fill_queue, tiny, tiny_checkpoint
+from conftest import TINY, fill_queue, tiny, tiny_checkpoint
 from mls.checkpoint import UnreadableCheckpoint, read_checkpoint
 from mls.train import pretrain
 from mls.train.run import resolve_resume
-
-TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
-
 
 # Runs `mls` (mls.cli.console, as the executable does) once per argument list in ONE fresh interpreter,
 # importing torch and Lightning once; each run's stderr is followed by a line `<<exit CODE>>`.

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY
 from mls.checkpoint import read_checkpoint
 from mls.train import pretrain
 from mls.train.run import resolve_resume
 
-TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
 EPOCHS = 1000
 
 

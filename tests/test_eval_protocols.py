@@ -11,7 +11,7 @@ from mls.cli import main
 from mls.data.synthetic import CLASSES
 from mls.eval.commands import finetune, knn, linear
 
-TINY = {"arch": "resnet18", "small_stem": True, "image_size": 32, "synthetic_images": 32, "workers": 0}
+TINY_EVAL = {"arch": "resnet18", "small_stem": True, "image_size": 32, "synthetic_images": 32, "workers": 0}
 
 
 def check_report(result: dict, table: str, protocol: str, runs: int = 2) -> list[float]:
@@ -44,7 +44,7 @@ def test_linear_probe_through_the_cli(tmp_path, capsys):
 
 
 def test_knn_is_deterministic_across_runs(tmp_path):
-    knn(k=5, out=str(tmp_path), **TINY)
+    knn(k=5, out=str(tmp_path), **TINY_EVAL)
     result, table = read_report(tmp_path)
     values = check_report(result, table, "knn")
     assert values[0] == values[1] and result["metrics"][0]["std"] == 0.0
@@ -53,7 +53,7 @@ def test_knn_is_deterministic_across_runs(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_takes_unset_options_from_the_recipe(tmp_path):
-    finetune(epochs=1, batch_size=16, out=str(tmp_path), **TINY)
+    finetune(epochs=1, batch_size=16, out=str(tmp_path), **TINY_EVAL)
     result, table = read_report(tmp_path)
     check_report(result, table, "finetune")
     assert result["settings"] == {"epochs": 1, "lr": 0.05, "weight_decay": 1e-4, "precision": "32-true"}

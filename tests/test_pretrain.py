@@ -13,12 +13,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from conftest import TINY
 from mls.checkpoint import load_pretrained, read_checkpoint
 from mls.cli import main
 from mls.train import pretrain
 from mls.train.module import PretrainModule
-
-TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
 
 
 def tiny_args(out, **overrides):

@@ -10,7 +10,7 @@ from PIL import Image
 from mls.cli import main
 from mls.study import BUDGETS, grid_cells
 from mls.study.grids import PAPER_K_OVER_D, scaled_k
-from mls.study.report import beyond_noise, markdown, summarise, write_outputs
+from mls.study.report import beyond_noise, markdown, summarise_cells, write_outputs
 from mls.study.run import cell_key
 
 
@@ -121,7 +121,7 @@ def test_paired_differences_and_the_two_standard_error_rule():
     cells = {f"{v}{s}": cell(v, s, x) for v, xs in (("mocov2", base), ("mls", better)) for s, x in enumerate(xs)}
     cells["other"] = cell("mocov2", 0, 10.0)  # a cell of another budget in the same results.json: not this grid's
     index = {v: {s: f"{v}{s}" for s in range(3)} for v in ("mocov2", "mls")}
-    (_, row) = summarise({"cells": cells}, index)
+    (_, row) = summarise_cells({"cells": cells}, index)
     diffs = [b - a for a, b in zip(base, better)]
     assert row["diff_val_map"] == pytest.approx(diffs)
     se = statistics.stdev(diffs) / math.sqrt(3)
@@ -148,7 +148,7 @@ def test_a_variant_with_its_own_mocov2_control_is_paired_with_it():
     cells = {f"{v}{s}": {"variant": v, "seed": s, "options": {}, "scores": {"val_map": x}}
              for v, xs in scores.items() for s, x in enumerate(xs)}
     index = {v: {s: f"{v}{s}" for s in range(2)} for v in scores}
-    rows = {row["variant"]: row for row in summarise({"cells": cells, "command": "mls study"}, index)}
+    rows = {row["variant"]: row for row in summarise_cells({"cells": cells, "command": "mls study"}, index)}
     assert rows["D8"]["diff_val_map"] == pytest.approx([66.0 - 65.0, 69.5 - 67.0])  # MoCo-v2 at the same D
     assert rows["mocov2_D8"]["diff_val_map"] == pytest.approx([65.0 - 70.0, 67.0 - 72.0])  # the control vs mocov2
     assert rows["k5"]["diff_val_map"] == pytest.approx([1.0, -1.0])  # no control of its own: mocov2

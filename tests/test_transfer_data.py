@@ -7,7 +7,12 @@ from PIL import Image
 from conftest import voc_xml
 from mls.data.synthetic import CLASSES, SyntheticScenes, write_coco, write_voc
 from mls.transfer.detection_data import CocoInstances, load_detection_splits
-from mls.transfer.segmentation_data import SegmentationPairs, cityscapes_train_ids, segmentation_splits, train_transform
+from mls.transfer.segmentation_data import (
+    SegmentationPairs,
+    cityscapes_train_ids,
+    segmentation_splits,
+    segmentation_train_transform,
+)
 
 
 def _devkit(root, year, sets, objects):
@@ -130,7 +135,8 @@ def test_training_crop_pads_labels_with_ignore_and_keeps_image_and_label_aligned
     label = torch.zeros(20, 20, dtype=torch.uint8)
     label[:, 10:] = 1
     image = Image.fromarray(np.where(label.numpy()[..., None] == 1, 255, 0).repeat(3, 2).astype(np.uint8))
-    pairs = SegmentationPairs([(image, Image.fromarray(label.numpy()))], 2, train_transform((20, 20), 32, (0.5, 0.5)))
+    augment = segmentation_train_transform((20, 20), 32, (0.5, 0.5))
+    pairs = SegmentationPairs([(image, Image.fromarray(label.numpy()))], 2, augment)
     x, y = pairs[0]  # 20 px scaled to 10 px, then padded to a 32 px crop
     assert x.shape == (3, 32, 32) and y.shape == (32, 32)
     assert (y == 255).sum() == 32 * 32 - 10 * 10

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mls.train.watch as watch
+from conftest import TINY
 from mls.health import queue_health
 from mls.train import pretrain
 
@@ -82,8 +83,7 @@ def test_a_run_warns_in_its_log_bar_and_summary_and_stops_when_asked(tmp_path, m
     progress bar and the summary, and --on-collapse stop ends the run early with its checkpoint."""
     monkeypatch.setattr(watch, "MEAN_NORM_LIMIT", -1.0)
     monkeypatch.setattr(watch, "GRACE_STEPS", 0)
-    tiny = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1,
-                epochs=2)
+    tiny = dict(TINY, epochs=2)
     caplog.set_level("INFO")
     pretrain(out=str(tmp_path / "warn"), max_steps=8, **tiny)
     logged = "\n".join(record.getMessage() for record in caplog.records)

@@ -28,7 +28,7 @@ from mls.losses import EXTRA_LOSSES, infonce_from_logits
 from mls.queue import FeatureQueue
 from mls.selection import labels_from_indices, topk_indices
 
-QUEUE_G_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MLS(nn.Module):
@@ -50,7 +50,7 @@ class MLS(nn.Module):
 
         fields = {"z": ((cfg.dim,), torch.float32), "index": ((), torch.long), "box": ((4,), torch.float32)}
         if cfg.uses_queue_g:
-            fields["g"] = ((feature_dim,), QUEUE_G_DTYPES[cfg.queue_g_dtype])
+            fields["g"] = ((feature_dim,), TORCH_DTYPES[cfg.queue_g_dtype])
         self.queue = FeatureQueue(cfg.queue_size, fields)
 
         # The extra loss of Table 6, built once with its temperature, balance and logit bias.

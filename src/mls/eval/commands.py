@@ -14,8 +14,7 @@ from mls.checkpoint import backbone_info
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
 from mls.eval.metrics import average_precision, classification_metrics
-from mls.eval.protocols import Task, linear_probe
-from mls.eval.protocols import knn as knn_protocol
+from mls.eval.protocols import Task, knn_classify, linear_probe
 from mls.eval.report import summarise, write_report
 
 FEATURE_BATCH = 256  # batch of feature extraction and of the linear probe when --batch-size is not given
@@ -94,7 +93,7 @@ def finetune(epochs: int | None = None, lr: float | None = None, weight_decay: f
     """
     recipe = finetuning.recipe_for(kwargs.get("dataset", "synthetic"), epochs=epochs, lr=lr, weight_decay=weight_decay)
     settings = {"epochs": recipe.epochs, "lr": recipe.lr, "weight_decay": recipe.weight_decay, "precision": precision}
-    protocol = partial(finetuning.finetune, **settings)
+    protocol = partial(finetuning.finetune_model, **settings)
     return evaluate("finetune", protocol, settings, recipe.batch_size, **kwargs)
 
 
@@ -106,4 +105,4 @@ def knn(k: int = 20, temperature: float = 0.07, **kwargs) -> dict:
         temperature: temperature of the exp(cosine / temperature) vote weights.
     """
     settings = {"k": k, "temperature": temperature}
-    return evaluate("knn", partial(knn_protocol, **settings), settings, FEATURE_BATCH, **kwargs)
+    return evaluate("knn", partial(knn_classify, **settings), settings, FEATURE_BATCH, **kwargs)

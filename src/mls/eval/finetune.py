@@ -72,7 +72,7 @@ class FineTuner(L.LightningModule):
         return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)]
 
 
-def finetune(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true") -> tuple:
+def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true") -> tuple:
     """Fine-tune a fresh copy of the backbone on the training split; return test logits and targets."""
     L.seed_everything(seed, workers=True, verbose=False)
     backbone, dim = task.backbone()

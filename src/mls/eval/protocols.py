@@ -76,7 +76,7 @@ def linear_probe(task: Task, seed: int, epochs: int = 100, lr: float = 0.1, weig
         return head(test_x), test_y
 
 
-def knn(task: Task, seed: int, k: int = 20, temperature: float = 0.07) -> tuple:
+def knn_classify(task: Task, seed: int, k: int = 20, temperature: float = 0.07) -> tuple:
     """Weighted k-NN on L2-normalised features (InstDisc): each of the k nearest training images votes
     exp(cosine / temperature) for its class, or for each of its positive labels in multi-label tasks."""
     del seed  # k-NN is deterministic given the features

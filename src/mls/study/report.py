@@ -37,7 +37,7 @@ def reference(variant: str, variants) -> str:
     return BASELINE
 
 
-def summarise(results: dict, index: dict[str, dict[int, str]]) -> list[dict]:
+def summarise_cells(results: dict, index: dict[str, dict[int, str]]) -> list[dict]:
     """Per variant: the scores of each seed, and the paired differences to its MoCo-v2 (``reference``) of
     the same seed.
 
@@ -70,7 +70,7 @@ def beyond_noise(diffs: list[float]) -> str:
 
 
 def markdown(results: dict, variants: dict[str, dict], index: dict[str, dict[int, str]]) -> str:
-    rows = summarise(results, index)
+    rows = summarise_cells(results, index)
     shown = [name for name in SCORES if any(row[name] for row in rows)]
     paired = [name for name in ("val_map", "test_map") if name in shown]  # the test split's once it is read
     lines = [f"`{results['command']}`", "",
@@ -102,7 +102,7 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summarise(results, index) if r["val_map"]]
+    rows = [r for r in summarise_cells(results, index) if r["val_map"]]
     fig, axes = plt.subplots(1, 3, figsize=(5 + 1.5 * len(rows), 3.6))
     ticks = range(len(rows)), [r["variant"] for r in rows]
     for name, colour, shift in (("val_map", "tab:red", 0.0), ("test_map", "tab:purple", 0.15)):
@@ -204,7 +204,7 @@ def write_outputs(root: Path, results: dict, variants: dict[str, dict], index: d
     health measures, beside results.json; return the Markdown."""
     table = markdown(results, variants, index)
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table))
-    if any(r["val_map"] for r in summarise(results, index)):
+    if any(r["val_map"] for r in summarise_cells(results, index)):
         figure(results, index, root / "results.png")
     for name, measures in HEALTH_FIGURES.items():
         health_figure(results, index, measures, root / f"health_{name}.png")

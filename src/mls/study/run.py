@@ -19,7 +19,7 @@ import torch
 from mls.checkpoint import backbone_info, load_pretrained
 from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
-from mls.eval.protocols import Task, knn, linear_probe
+from mls.eval.protocols import Task, knn_classify, linear_probe
 from mls.files import atomic_write
 from mls.study.grids import Budget, cell_options, cell_preset, grid_cells, load_budget, resolve_cell
 from mls.study.report import write_outputs
@@ -55,7 +55,7 @@ def load_results(path: Path) -> dict:
     return results
 
 
-def neighbour_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
+def checkpoint_neighbour_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
     """Share of the top-k neighbours (one random crop of every pretraining image) that share a class with
     their query crop, as ``benchmarks/demo_precision.py`` measures it; ``None`` without labels."""
     model, info = load_pretrained(checkpoint)
@@ -76,7 +76,7 @@ def probe_scores(checkpoint: Path, probe, image_size: int, budget: Budget, seed:
     info = backbone_info(str(checkpoint))
     task = Task(str(checkpoint), info["arch"], info["small_stem"], probe, image_size, 256, workers)
     linear = classification_metrics(*linear_probe(task, seed, epochs=budget.probe_epochs), True)
-    votes = classification_metrics(*knn(task, seed), True)
+    votes = classification_metrics(*knn_classify(task, seed), True)
     return {"map": linear["mAP"], "knn_map": votes["mAP"]}
 
 
@@ -89,7 +89,7 @@ def score(checkpoint: Path, budget: Budget, seed: int, test: bool, workers: int)
                                                      workers).items()}
     if test:
         scores.update({f"test_{k}": v for k, v in probe_scores(checkpoint, data, size, budget, seed, workers).items()})
-    scores["precision"] = neighbour_precision(checkpoint, budget, seed)
+    scores["precision"] = checkpoint_neighbour_precision(checkpoint, budget, seed)
     return scores
 
 
@@ -100,6 +100,94 @@ def _final_losses(run: Path) -> dict:
     series = read_metrics(*find_metrics(run / "csv"))
     names = ("train/loss", "train/loss_infonce", "train/loss_extra", "train/label_precision")
     return {name.removeprefix("train/"): series[name][-1][1] for name in names if series.get(name)}
+
+
+def study_command(grid: str, seeds: int, budget: str, data: str | None, only: list[str] | None, test: bool) -> str:
+    """The ``mls study`` command line of these options, as printed above the table (one the CLI takes)."""
+    return f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
+        (f" --only '[{','.join(only)}]'" if only else "") + (" --test true" if test else "")
+
+
+def elapsed_and_left(started: float, done: int, total: int) -> str:
+    """Minutes since ``started`` and, once ``done`` of ``total`` runs are done, the minutes the rest take at that pace."""
+    elapsed = time.monotonic() - started
+    left = elapsed / done * (total - done) if done else None
+    return f"elapsed {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left is not None else "")
+
+
+@dataclasses.dataclass
+class GridRun:
+    """One ``mls study`` call on its cells: which are finished, scoring again, pretraining, and saving results.
+
+    ``cells`` maps a variant to its option overrides, ``settings`` to the options its cells pretrain with,
+    ``index`` to its cell key by seed; ``results`` is results.json's content under ``root``.
+    """
+
+    root: Path
+    results: dict
+    plan: Budget
+    cells: dict[str, dict]
+    settings: dict[str, dict]
+    index: dict[str, dict[int, str]]
+    test: bool
+    rescore: bool
+    workers: int
+
+    def save(self) -> str:
+        """Write results.json, then results.md and results.png; return the table."""
+        atomic_write(self.root / "results.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(self.results, indent=2) + "\n"))
+        return write_outputs(self.root, self.results, self.cells, self.index)
+
+    def finished(self, key: str) -> bool:
+        """The cell is scored (with ``test``: on the test split too)."""
+        previous = self.results["cells"].get(key)
+        return bool(previous) and (not self.test or "test_map" in previous["scores"])
+
+    def skipped(self, key: str) -> bool:
+        """Not pretrained by this call: finished, or scored again from its checkpoint under ``rescore``."""
+        return self.finished(key) or (self.rescore and key in self.results["cells"])
+
+    def rescore_cell(self, key: str, seed: int, label: str) -> None:
+        """Score a finished cell again from its last.ckpt (on the test split too if it was or ``test`` asks)."""
+        previous = self.results["cells"][key]
+        checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
+        print(f"{label}: scoring {checkpoint} again", flush=True)
+        previous["scores"] = score(checkpoint, self.plan, seed, self.test or "test_map" in previous["scores"],
+                                   self.workers)
+        self.save()
+
+    def pretrain_cell(self, variant: str, seed: int) -> None:
+        """Pretrain one cell (going on from its checkpoint if interrupted), score it and save the results."""
+        options, key = self.settings[variant], self.index[variant][seed]
+        run_dir = self.root / "cells" / f"{variant}-{key[:8]}"
+        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
+        checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
+                              **{"save_every": 0, **options})
+        self.results["cells"][key] = {"variant": variant, "seed": seed, "options": self.cells[variant],
+                                      "settings": options, "run": str(run_dir),
+                                      "scores": score(checkpoint, self.plan, seed, self.test, self.workers),
+                                      "final": _final_losses(run_dir)}
+        self.save()
+
+    def run(self, seeds: int) -> None:
+        """Every cell, seed by seed (so that partial results pair up): pretrained unless finished, or
+        scored again under ``rescore``; the progress counts only the cells this call pretrains."""
+        todo = [(seed, variant) for seed in range(seeds) for variant in self.cells]
+        # the cells this call pretrains: variants of equal settings share one
+        to_run = {self.index[variant][seed] for seed, variant in todo if not self.skipped(self.index[variant][seed])}
+        started, done_here, rescored = time.monotonic(), 0, set()
+        for number, (seed, variant) in enumerate(todo, start=1):
+            key, label = self.index[variant][seed], f"[{number}/{len(todo)}] {variant}, seed {seed}"
+            if self.results["cells"].get(key) and self.rescore:
+                if key not in rescored:
+                    self.rescore_cell(key, seed, label)
+                    rescored.add(key)
+            elif not self.finished(key):
+                print(f"{label}: run {done_here + 1} of {len(to_run)}, " + elapsed_and_left(started, done_here, len(to_run)),
+                      flush=True)
+                self.pretrain_cell(variant, seed)
+                done_here += 1
 
 
 def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str | None = None,
@@ -129,57 +217,13 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     cells = grid_cells(grid, plan, data, only)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    results_path = root / "results.json"
-    results = load_results(results_path)
-    command = f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
-        (f" --only '[{','.join(only)}]'" if only else "") + (" --test true" if test else "")
-    results.update(command=command, grid=grid, budget=budget, budget_settings=dataclasses.asdict(plan))
-
-    todo = [(seed, variant) for seed in range(seeds) for variant in cells]  # seed by seed: partial results pair up
+    results = load_results(root / "results.json")
+    results.update(command=study_command(grid, seeds, budget, data, only, test), grid=grid, budget=budget,
+                   budget_settings=dataclasses.asdict(plan))
     settings = {variant: cell_options({**plan.pretrain, "data": data, **options}) for variant, options in cells.items()}
     index = {variant: {seed: cell_key(settings[variant], seed) for seed in range(seeds)} for variant in cells}
-
-    def save() -> str:
-        atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
-        return write_outputs(root, results, cells, index)
-
-    def finished(key: str) -> bool:
-        previous = results["cells"].get(key)
-        return bool(previous) and (not test or "test_map" in previous["scores"])
-
-    def skipped(key: str) -> bool:  # finished, or scored again from its checkpoint under --rescore
-        return finished(key) or (rescore and key in results["cells"])
-
-    # the cells this call pretrains: variants of equal settings share one
-    to_run = {index[variant][seed] for seed, variant in todo if not skipped(index[variant][seed])}
-    started, done_here, rescored = time.monotonic(), 0, set()
-    for number, (seed, variant) in enumerate(todo, start=1):
-        options, key = settings[variant], index[variant][seed]
-        previous = results["cells"].get(key)
-        if previous and rescore:
-            if key not in rescored:
-                checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
-                print(f"[{number}/{len(todo)}] {variant}, seed {seed}: scoring {checkpoint} again", flush=True)
-                previous["scores"] = score(checkpoint, plan, seed, test or "test_map" in previous["scores"], workers)
-                rescored.add(key)
-                save()
-            continue
-        if finished(key):
-            continue
-        elapsed = time.monotonic() - started
-        left = elapsed / done_here * (len(to_run) - done_here) if done_here else None
-        print(f"[{number}/{len(todo)}] {variant}, seed {seed}: run {done_here + 1} of {len(to_run)}, "
-              f"elapsed {elapsed / 60:.1f} min" + (f", about {left / 60:.0f} min left" if left is not None else ""),
-              flush=True)
-        run_dir = root / "cells" / f"{variant}-{key[:8]}"
-        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
-        checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
-                              **{"save_every": 0, **options})
-        results["cells"][key] = {"variant": variant, "seed": seed, "options": cells[variant], "settings": options,
-                                 "run": str(run_dir), "scores": score(checkpoint, plan, seed, test, workers),
-                                 "final": _final_losses(run_dir)}
-        done_here += 1
-        save()
-    table = save()  # also when nothing ran: results.json then names this call's grid and command
+    grid_run = GridRun(root, results, plan, cells, settings, index, test, rescore, workers)
+    grid_run.run(seeds)
+    table = grid_run.save()  # also when nothing ran: results.json then names this call's grid and command
     print(table)
     return results

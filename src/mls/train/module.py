@@ -33,7 +33,7 @@ def extra_weight_factor(epoch: float, start: float, ramp: float) -> float:
     return 1.0 if ramp <= 0 else min(1.0, (epoch - start) / ramp)
 
 
-def neighbour_precision(labels: torch.Tensor, query_index: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
+def step_label_precision(labels: torch.Tensor, query_index: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
     """Share of selected neighbours that share at least one true class with their query.
 
     ``labels`` is the data set's multi-hot table, ``neighbor_index`` (N x k) the source
@@ -117,7 +117,7 @@ class PretrainModule(L.LightningModule):
             logs.update({f"health/{name}": value for name, value in out["health"].items()})
             self.pending_health = out["health"]
         if self.labels is not None:
-            logs["train/label_precision"] = neighbour_precision(self.labels, batch["index"], out["neighbor_index"])
+            logs["train/label_precision"] = step_label_precision(self.labels, batch["index"], out["neighbor_index"])
         now = time.perf_counter()
         if self._last_step_time is not None:
             logs["train/images_per_sec"] = len(x1) * self.trainer.world_size / (now - self._last_step_time)

@@ -18,12 +18,10 @@ from torch.utils.data import DataLoader
 
 from mls.checkpoint import backbone_info, load_backbone
 from mls.eval.report import summarise, write_report
-from mls.transfer.detection import HEADS as DETECTION_HEADS
-from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
-from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
-from mls.transfer.segmentation import DILATABLE, build_segmenter, evaluate_segmentation, segmentation_losses
-from mls.transfer.segmentation import HEADS as SEGMENTATION_HEADS
-from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, train_transform
+from mls.transfer.detection import DETECTION_HEADS, build_detector, detection_losses, evaluate_detection
+from mls.transfer.detection_data import CocoInstances, DetectionSplits, collate_lists, load_detection_splits
+from mls.transfer.segmentation import DILATABLE, SEGMENTATION_HEADS, build_segmenter, evaluate_segmentation, segmentation_losses
+from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, segmentation_train_transform
 from mls.transfer.training import (
     RunOptions,
     TransferModule,
@@ -124,6 +122,138 @@ def _check_head(head: str, heads: tuple[str, ...]) -> None:
         raise ValueError(f"--head must be one of {', '.join(heads)}, got {head!r}")
 
 
+def _loader(run: RunOptions, **fixed) -> Callable[..., DataLoader]:
+    """``DataLoader`` with ``run``'s loading processes (kept alive between epochs when there are any)."""
+    workers = run.loader_workers
+    return partial(DataLoader, num_workers=workers, persistent_workers=workers > 0, **fixed)
+
+
+def _detection_protocol(format: str, head: str, fpn_channels: int, rois_per_image: int,
+                        **options) -> DetectionProtocol:
+    """``DETECTION[format]`` with the options given, once ``head`` is known and every size and rate is positive."""
+    _check_head(head, DETECTION_HEADS)
+    protocol = _protocol(DETECTION, format, "--format", **options)
+    check_positive(lr=protocol.lr, image_size=protocol.image_size, max_size=protocol.max_size,
+                   fpn_channels=fpn_channels, rois_per_image=rois_per_image,
+                   **{f"train_sizes[{i}]": s for i, s in enumerate(protocol.train_sizes)})
+    return protocol
+
+
+def _detection_sets(data: str | None, format: str,
+                    per_device: int) -> tuple[DetectionSplits, CocoInstances, CocoInstances]:
+    """The splits of ``data`` and their training and test images with objects; at least one batch to train on."""
+    splits = load_detection_splits(_required(data, "--data"), format)
+    categories = splits.category_ids
+    train_set = CocoInstances(splits.train, splits.train_images, True, splits.has_masks, categories)
+    test_set = CocoInstances(splits.test, splits.test_images, False, splits.has_masks, categories)
+    if len(train_set) < per_device:
+        raise ValueError(f"{len(train_set)} training images with objects, fewer than one batch of {per_device}")
+    return splits, train_set, test_set
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionFineTuning:
+    """One run of ``detect``: called with its folder, it fine-tunes a fresh detector and evaluates it."""
+
+    run: RunOptions
+    protocol: DetectionProtocol
+    info: dict  # the backbone's arch and small_stem
+    splits: DetectionSplits
+    train_set: CocoInstances
+    test_set: CocoInstances
+    per_device: int
+    head: str
+    fpn_channels: int
+    rois_per_image: int
+
+    def __call__(self, run_dir: Path) -> dict | None:
+        """Train on the training split; the first process returns the COCOeval scores, every other one None."""
+        run, protocol, splits, categories = self.run, self.protocol, self.splits, self.splits.category_ids
+        loader = _loader(run, collate_fn=collate_lists)
+        backbone, _, _ = load_backbone(run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])
+        detector = build_detector(backbone, len(categories) + 1, splits.has_masks, protocol.train_sizes,
+                                  protocol.max_size, self.fpn_channels, self.rois_per_image, self.head)
+        schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
+        module = TransferModule(detector, detection_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay,
+                                norm_weight_decay=0.0)
+        trainer = run.trainer(run_dir, protocol.max_iters)
+        trainer.fit(module, loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True))
+        if not trainer.is_global_zero:
+            return None
+        return evaluate_detection(detector, loader(self.test_set, batch_size=self.per_device), splits.test,
+                                  categories, protocol.image_size, splits.has_masks, trainer.strategy.root_device)
+
+    def result(self, format: str) -> dict:
+        """What the report gives besides the scores: data set, model, weights, backbone and settings."""
+        name = ("mask" if self.splits.has_masks else "faster") + f"_rcnn_{self.info['arch']}_{self.head}"
+        settings = {**dataclasses.asdict(self.protocol), "head": self.head, "fpn_channels": self.fpn_channels,
+                    "rois_per_image": self.rois_per_image}
+        return {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": self.run.weights,
+                "arch": self.info["arch"], "small_stem": self.info["small_stem"], "settings": settings}
+
+
+def _segmentation_protocol(dataset: str, head: str, **options) -> SegmentationProtocol:
+    """``SEGMENTATION[dataset]`` with the options given, once ``head`` is known and the sizes and rate are valid."""
+    _check_head(head, SEGMENTATION_HEADS)
+    protocol = _protocol(SEGMENTATION, dataset, "--dataset", **options)
+    if len(protocol.scale) != 2 or len(protocol.ratio_range) != 2:
+        raise ValueError(f"--scale needs (height, width) and --ratio-range (low, high); got {list(protocol.scale)} "
+                         f"and {list(protocol.ratio_range)}")
+    check_positive(lr=protocol.lr, crop_size=protocol.crop_size, stride=protocol.stride,
+                   scale_height=protocol.scale[0], scale_width=protocol.scale[1])
+    return protocol
+
+
+def _segmentation_sets(data: str | None, dataset: str, protocol: SegmentationProtocol,
+                       per_device: int) -> tuple[SegmentationPairs, SegmentationPairs, int]:
+    """Training pairs (randomly rescaled and cropped), test pairs and the number of classes; at least one batch."""
+    train_base, test_base, num_classes, lut = segmentation_splits(_required(data, "--data"), dataset)
+    augment = segmentation_train_transform(protocol.scale, protocol.crop_size, protocol.ratio_range)
+    train_set = SegmentationPairs(train_base, num_classes, augment, lut)
+    test_set = SegmentationPairs(test_base, num_classes, None, lut)
+    if len(train_set) < per_device:
+        raise ValueError(f"{len(train_set)} training images, fewer than one batch of {per_device}")
+    return train_set, test_set, num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationFineTuning:
+    """One run of ``segment``: called with its folder, it fine-tunes a fresh segmenter and evaluates it."""
+
+    run: RunOptions
+    protocol: SegmentationProtocol
+    info: dict  # the backbone's arch and small_stem
+    train_set: SegmentationPairs
+    test_set: SegmentationPairs
+    num_classes: int
+    per_device: int
+    head: str
+
+    def __call__(self, run_dir: Path) -> dict | None:
+        """Train on the training split; the first process returns mIoU, mAcc and aAcc, every other one None."""
+        run, protocol = self.run, self.protocol
+        loader = _loader(run)
+        backbone, _, _ = load_backbone(run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])
+        model = build_segmenter(backbone, self.info["arch"], self.num_classes, self.head)
+        schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
+        module = TransferModule(model, segmentation_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay)
+        trainer = run.trainer(run_dir, protocol.max_iters)
+        trainer.fit(module, loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True))
+        if not trainer.is_global_zero:
+            return None
+        return evaluate_segmentation(model, loader(self.test_set, batch_size=1), self.num_classes, protocol.scale,
+                                     protocol.inference, protocol.crop_size, protocol.stride,
+                                     trainer.strategy.root_device)
+
+    def result(self, dataset: str) -> dict:
+        """What the report gives besides the scores: data set, model, weights, backbone, classes and settings."""
+        arch = self.info["arch"]
+        name = f"{self.head}_{arch}" + ("_d8" if arch in DILATABLE else "")
+        return {"dataset": dataset, "protocol": name, "weights": self.run.weights, "arch": arch,
+                "small_stem": self.info["small_stem"], "num_classes": self.num_classes,
+                "settings": {**dataclasses.asdict(self.protocol), "head": self.head}}
+
+
 @with_run_options
 def detect(data: str | None = None, format: Literal["coco", "voc"] = "coco", head: Literal["fpn", "c4"] = "fpn",
            runs: int | None = None, max_iters: int | None = None, steps: list[int] | None = None,
@@ -158,44 +288,17 @@ def detect(data: str | None = None, format: Literal["coco", "voc"] = "coco", hea
         rois_per_image: proposals sampled per image to train the box head (detectron2: 512).
     """
     run = RunOptions(**run_options)
-    _check_head(head, DETECTION_HEADS)
-    protocol = _protocol(DETECTION, format, "--format", runs=runs, max_iters=max_iters, steps=steps,
-                         warmup_iters=warmup_iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         image_size=image_size, train_sizes=train_sizes, max_size=max_size)
-    check_positive(lr=protocol.lr, image_size=protocol.image_size, max_size=protocol.max_size,
-                   fpn_channels=fpn_channels, rois_per_image=rois_per_image,
-                   **{f"train_sizes[{i}]": s for i, s in enumerate(protocol.train_sizes)})
+    protocol = _detection_protocol(format, head, fpn_channels, rois_per_image, runs=runs, max_iters=max_iters,
+                                   steps=steps, warmup_iters=warmup_iters, batch_size=batch_size, lr=lr,
+                                   weight_decay=weight_decay, image_size=image_size, train_sizes=train_sizes,
+                                   max_size=max_size)
     per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
-    splits = load_detection_splits(_required(data, "--data"), format)
-    categories = splits.category_ids
-    train_set = CocoInstances(splits.train, splits.train_images, True, splits.has_masks, categories)
-    test_set = CocoInstances(splits.test, splits.test_images, False, splits.has_masks, categories)
-    if len(train_set) < per_device:
-        raise ValueError(f"{len(train_set)} training images with objects, fewer than one batch of {per_device}")
-    workers = run.loader_workers
-    loader = partial(DataLoader, num_workers=workers, collate_fn=collate_lists, persistent_workers=workers > 0)
+    splits, train_set, test_set = _detection_sets(data, format, per_device)
     info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
-
-    def run_once(run_dir: Path) -> dict | None:
-        backbone, _, _ = load_backbone(run.weights, arch=info["arch"], small_stem=info["small_stem"])
-        detector = build_detector(backbone, len(categories) + 1, splits.has_masks, protocol.train_sizes,
-                                  protocol.max_size, fpn_channels, rois_per_image, head)
-        schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
-        module = TransferModule(detector, detection_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay,
-                                norm_weight_decay=0.0)
-        trainer = run.trainer(run_dir, protocol.max_iters)
-        trainer.fit(module, loader(train_set, batch_size=per_device, shuffle=True, drop_last=True))
-        if not trainer.is_global_zero:
-            return None
-        return evaluate_detection(detector, loader(test_set, batch_size=per_device), splits.test, categories,
-                                  protocol.image_size, splits.has_masks, trainer.strategy.root_device)
-
-    name = ("mask" if splits.has_masks else "faster") + f"_rcnn_{info['arch']}_{head}"
-    settings = {**dataclasses.asdict(protocol), "head": head, "fpn_channels": fpn_channels,
-                "rois_per_image": rois_per_image}
-    result = {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": run.weights,
-              "arch": info["arch"], "small_stem": info["small_stem"], "settings": settings}
-    return _repeat(run_once, protocol.runs, run.seed, Path(run.out or f"runs/transfer/detect-{format}"), result)
+    fine_tune = DetectionFineTuning(run, protocol, info, splits, train_set, test_set, per_device, head, fpn_channels,
+                                    rois_per_image)
+    out = Path(run.out or f"runs/transfer/detect-{format}")
+    return _repeat(fine_tune, protocol.runs, run.seed, out, fine_tune.result(format))
 
 
 @with_run_options
@@ -229,42 +332,12 @@ def segment(data: str | None = None, dataset: Literal["cityscapes", "voc-seg"] =
         stride: stride of the sliding windows (default: 513 cityscapes).
     """
     run = RunOptions(**run_options)
-    _check_head(head, SEGMENTATION_HEADS)
-    protocol = _protocol(SEGMENTATION, dataset, "--dataset", runs=runs, max_iters=max_iters,
-                         batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay, scale=scale,
-                         crop_size=crop_size, ratio_range=ratio_range, inference=inference, stride=stride)
-    if len(protocol.scale) != 2 or len(protocol.ratio_range) != 2:
-        raise ValueError(f"--scale needs (height, width) and --ratio-range (low, high); got {list(protocol.scale)} "
-                         f"and {list(protocol.ratio_range)}")
-    check_positive(lr=protocol.lr, crop_size=protocol.crop_size, stride=protocol.stride,
-                   scale_height=protocol.scale[0], scale_width=protocol.scale[1])
+    protocol = _segmentation_protocol(dataset, head, runs=runs, max_iters=max_iters, batch_size=batch_size, lr=lr,
+                                      min_lr=min_lr, weight_decay=weight_decay, scale=scale, crop_size=crop_size,
+                                      ratio_range=ratio_range, inference=inference, stride=stride)
     per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
-    train_base, test_base, num_classes, lut = segmentation_splits(_required(data, "--data"), dataset)
-    augment = train_transform(protocol.scale, protocol.crop_size, protocol.ratio_range)
-    train_set = SegmentationPairs(train_base, num_classes, augment, lut)
-    test_set = SegmentationPairs(test_base, num_classes, None, lut)
-    if len(train_set) < per_device:
-        raise ValueError(f"{len(train_set)} training images, fewer than one batch of {per_device}")
-    workers = run.loader_workers
-    loader = partial(DataLoader, num_workers=workers, persistent_workers=workers > 0)
+    train_set, test_set, num_classes = _segmentation_sets(data, dataset, protocol, per_device)
     info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
-
-    def run_once(run_dir: Path) -> dict | None:
-        backbone, _, _ = load_backbone(run.weights, arch=info["arch"], small_stem=info["small_stem"])
-        model = build_segmenter(backbone, info["arch"], num_classes, head)
-        schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
-        module = TransferModule(model, segmentation_losses, protocol.lr, schedule,
-                                weight_decay=protocol.weight_decay)
-        trainer = run.trainer(run_dir, protocol.max_iters)
-        trainer.fit(module, loader(train_set, batch_size=per_device, shuffle=True, drop_last=True))
-        if not trainer.is_global_zero:
-            return None
-        return evaluate_segmentation(model, loader(test_set, batch_size=1), num_classes, protocol.scale,
-                                     protocol.inference, protocol.crop_size, protocol.stride,
-                                     trainer.strategy.root_device)
-
-    name = f"{head}_{info['arch']}" + ("_d8" if info["arch"] in DILATABLE else "")
-    result = {"dataset": dataset, "protocol": name, "weights": run.weights, "arch": info["arch"],
-              "small_stem": info["small_stem"], "num_classes": num_classes,
-              "settings": {**dataclasses.asdict(protocol), "head": head}}
-    return _repeat(run_once, protocol.runs, run.seed, Path(run.out or f"runs/transfer/segment-{dataset}"), result)
+    fine_tune = SegmentationFineTuning(run, protocol, info, train_set, test_set, num_classes, per_device, head)
+    out = Path(run.out or f"runs/transfer/segment-{dataset}")
+    return _repeat(fine_tune, protocol.runs, run.seed, out, fine_tune.result(dataset))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mls.transfer.metrics import coco_ap
 
-HEADS = ("fpn", "c4")
+DETECTION_HEADS = ("fpn", "c4")
 
 
 def build_detector(backbone: ResNet, num_classes: int, masks: bool, train_sizes: Sequence[int],
@@ -43,8 +43,8 @@ def build_detector(backbone: ResNet, num_classes: int, masks: bool, train_sizes:
     Multi-scale training draws the shorter side from ``train_sizes``. Nothing is downloaded: all but the
     backbone start random.
     """
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head not in DETECTION_HEADS:
+        raise ValueError(f"head must be one of {', '.join(DETECTION_HEADS)}, got {head!r}")
     parts = (_fpn if head == "fpn" else _c4)(backbone, num_classes, channels)
     mask_parts = {k: parts.pop(k) for k in ("mask_roi_pool", "mask_head", "mask_predictor") if k in parts}
     common = dict(box_batch_size_per_image=rois_per_image, min_size=tuple(train_sizes), max_size=max_size)

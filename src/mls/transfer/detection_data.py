@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from mls.transfer.metrics import coco_from_dict
 
-FORMATS = ("coco", "voc")
+DETECTION_FORMATS = ("coco", "voc")
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_detection_splits(data: str | Path, format: str) -> DetectionSplits:
         return _coco_splits(Path(data))
     if format == "voc":
         return _voc_splits(Path(data))
-    raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    raise ValueError(f"format must be one of {', '.join(DETECTION_FORMATS)}, got {format!r}")
 
 
 def _coco_splits(root: Path) -> DetectionSplits:

@@ -20,10 +20,10 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 from tqdm.auto import tqdm
 
 from mls.transfer.metrics import segmentation_scores
-from mls.transfer.segmentation_data import IGNORE
+from mls.transfer.segmentation_data import IGNORE_PIXEL
 
 INFERENCE = ("whole", "slide")
-HEADS = ("fcn", "pspnet")
+SEGMENTATION_HEADS = ("fcn", "pspnet")
 
 
 DILATABLE = ("resnet50", "resnet101")  # torchvision's BasicBlock (resnet18/34) refuses dilation
@@ -90,8 +90,8 @@ def build_pspnet(backbone: torchvision.models.ResNet, arch: str, num_classes: in
 
 def build_segmenter(backbone: torchvision.models.ResNet, arch: str, num_classes: int, head: str = "fcn") -> nn.Module:
     """``build_fcn`` or ``build_pspnet`` by ``head``."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head not in SEGMENTATION_HEADS:
+        raise ValueError(f"head must be one of {', '.join(SEGMENTATION_HEADS)}, got {head!r}")
     return (build_fcn if head == "fcn" else build_pspnet)(backbone, arch, num_classes)
 
 
@@ -99,8 +99,8 @@ def segmentation_losses(model: nn.Module, batch: tuple, aux_weight: float = 0.4)
     """Cross-entropy of the main and the auxiliary head, the ignore label left out."""
     images, labels = batch
     out = model(images)
-    return {"loss_ce": F.cross_entropy(out["out"], labels, ignore_index=IGNORE),
-            "loss_aux": aux_weight * F.cross_entropy(out["aux"], labels, ignore_index=IGNORE)}
+    return {"loss_ce": F.cross_entropy(out["out"], labels, ignore_index=IGNORE_PIXEL),
+            "loss_aux": aux_weight * F.cross_entropy(out["aux"], labels, ignore_index=IGNORE_PIXEL)}
 
 
 def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int) -> torch.Tensor:
@@ -141,7 +141,7 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
                           device: torch.device | str = "cpu") -> dict[str, float]:
     """mIoU, mAcc and aAcc (percentages) over the test set, from one confusion matrix (ignore label excluded)."""
     model.to(device).eval()
-    confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE).to(device)
+    confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_PIXEL).to(device)
     for images, labels in tqdm(loader, desc="segment", leave=False):
         logits = predict_logits(model, images.to(device), num_classes, scale, mode, crop, stride)
         confmat.update(logits.argmax(1), labels.to(device))

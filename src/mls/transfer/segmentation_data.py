@@ -17,24 +17,24 @@ from torchvision.transforms import v2
 from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.transfer.detection_data import read_voc_xml, voc_class_names, voc_sets
 
-DATASETS = ("cityscapes", "voc-seg")
-IGNORE = 255
+SEGMENTATION_DATASETS = ("cityscapes", "voc-seg")
+IGNORE_PIXEL = 255
 
 
 def cityscapes_train_ids() -> torch.Tensor:
     """Look-up table from Cityscapes ``labelIds`` (0-255) to the 19 train ids, everything else 255."""
-    lut = torch.full((256,), IGNORE, dtype=torch.uint8)
+    lut = torch.full((256,), IGNORE_PIXEL, dtype=torch.uint8)
     for c in torchvision.datasets.Cityscapes.classes:
-        if c.id >= 0 and 0 <= c.train_id < IGNORE:
+        if c.id >= 0 and 0 <= c.train_id < IGNORE_PIXEL:
             lut[c.id] = c.train_id
     return lut
 
 
-def train_transform(scale: Sequence[int], crop_size: int, ratio_range: Sequence[float]) -> v2.Transform:
+def segmentation_train_transform(scale: Sequence[int], crop_size: int, ratio_range: Sequence[float]) -> v2.Transform:
     """mmseg's training pipeline: fit into ``scale`` (h, w) times a random ratio, crop (pad 255), flip."""
     return v2.Compose([
         v2.ScaleJitter(target_size=tuple(scale), scale_range=tuple(ratio_range), antialias=True),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_PIXEL}),
         v2.RandomHorizontalFlip(0.5),
     ])
 
@@ -60,10 +60,10 @@ class SegmentationPairs(Dataset):
         label = v2.functional.pil_to_tensor(label)[0]
         if self.lut is not None:
             label = self.lut[label.long()]
-        wrong = (label != IGNORE) & (label >= self.num_classes)
+        wrong = (label != IGNORE_PIXEL) & (label >= self.num_classes)
         if wrong.any():
             raise ValueError(f"label map {index} of {type(self.base).__name__} holds value {int(label[wrong][0])}; "
-                             f"expected 0..{self.num_classes - 1} or {IGNORE} (ignore)")
+                             f"expected 0..{self.num_classes - 1} or {IGNORE_PIXEL} (ignore)")
         label = tv_tensors.Mask(label)
         if self.transform is not None:
             image, label = self.transform(image, label)
@@ -100,4 +100,4 @@ def segmentation_splits(data: str | Path, dataset: str) -> tuple[Dataset, Datase
             read_voc_xml(Path(path).parents[1] / "Annotations" / f"{Path(path).stem}.xml", path)
             for path in train.images + test.images])
         return train, test, 1 + len(names), None
-    raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    raise ValueError(f"dataset must be one of {', '.join(SEGMENTATION_DATASETS)}, got {dataset!r}")

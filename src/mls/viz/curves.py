@@ -39,7 +39,7 @@ LEGEND = {"health/rank_z": "Q_z", "health/rank_g": "Q_g", "health/grad_infonce":
 AXES = ("step", "epoch")
 PANEL_INCHES = (4.0, 3.0)
 DPI = 100
-COLUMNS = 3
+PANEL_COLUMNS = 3
 
 
 def find_metrics(path: str | Path) -> list[Path]:
@@ -97,7 +97,7 @@ def panel_order(names: list[str]) -> list[list[str]]:
     return list(panels.values())
 
 
-def plot_curves(metrics: str | Path, out: str | Path, columns: int = COLUMNS) -> list[str]:
+def plot_curves(metrics: str | Path, out: str | Path, columns: int = PANEL_COLUMNS) -> list[str]:
     """Draw one panel per logged quantity and save the figure; return the plotted column names.
 
     Each panel is ``PANEL_INCHES`` at ``DPI``, so the image is ``columns`` x rows panels in size.

@@ -30,13 +30,13 @@ from torch import Tensor, nn
 
 from mls.files import atomic_write, ensure_writable
 from mls.selection import cosine_similarity
+from mls.viz.curves import DPI
 from mls.viz.neighbors import Bank, check_indices, checkpoint_data, crop_view, embed_boxes
 
 NETWORKS = ("before", "after")
 KINDS = {"backbone": "backbone scores ĝ1·Q_gᵀ", "mlp": "MLP scores z1·Q_zᵀ"}
 COLORS = {"before": "tab:gray", "after": "tab:blue"}
-PANEL_INCHES = (4.5, 3.0)
-DPI = 100
+SCORE_PANEL_INCHES = (4.5, 3.0)
 
 
 @dataclass
@@ -110,7 +110,7 @@ def draw(queries: list[QueryScores], k: int, bins: int, labels: dict[str, str]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(PANEL_INCHES[0] * 2, PANEL_INCHES[1] * len(queries)), dpi=DPI)
+    figure = Figure(figsize=(SCORE_PANEL_INCHES[0] * 2, SCORE_PANEL_INCHES[1] * len(queries)), dpi=DPI)
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(queries), 2, squeeze=False)
     for row, q in zip(axes, queries):
@@ -132,17 +132,9 @@ def draw(queries: list[QueryScores], k: int, bins: int, labels: dict[str, str]):
     return figure
 
 
-def score_histograms(checkpoint: str | None, out: str = "scores.png", before: str = "random",
-                     data: str | None = None, annotations: str | None = None, queries: int = 1,
-                     query_index: list[int] | None = None, seed: int = 0, bins: int = 50,
-                     image_size: int | None = None) -> ScoreHistograms:
-    """Compute and draw Fig. 3; write the figure to ``out`` and the raw numbers to ``out`` with ``.json``.
-
-    See the module docstring for what is scored against what.
-    """
+def output_paths(checkpoint: str | None, out: str, before: str, queries: int, bins: int) -> tuple[Path, Path]:
+    """The figure's path and the numbers' (``.json``) beside it, once the options and checkpoints are usable."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from mls.checkpoint import load_pretrained
 
     if checkpoint is None:
         raise ValueError("--checkpoint is required: the pretraining checkpoint whose Q_g crops are scored")
@@ -156,15 +148,14 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
     for path in (checkpoint, None if before == "random" else before):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    return out_path, json_path
 
-    model, info = load_pretrained(checkpoint)
-    bank = stored_crops(model.queue)
-    source, data_args = checkpoint_data(info, checkpoint, data, annotations)
-    check_indices(bank.index.unique(), len(source), "the checkpoint's queue", data_args.get("data"))
-    if query_index:
-        check_indices(query_index, len(source), "--query-index", data_args.get("data"))
-    crop_size = image_size or data_args.get("image_size") or 224
-    k = model.config.topk
+
+def before_network_and_queries(model: nn.Module, before: str, source, query_index: list[int] | None, queries: int, seed: int,
+                 crop_size: int) -> tuple[nn.Module, list[int], Tensor]:
+    """Under ``seed`` (the global random state left as it was): the network before pretraining, the query
+    images (``query_index``, else ``queries`` at random) and one random-resized crop box of each."""
+    from mls.checkpoint import load_pretrained
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,19 +166,23 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
         picked = list(query_index) if query_index else torch.randperm(len(source))[:queries].tolist()
         view = crop_view(crop_size)
         boxes = torch.stack([view(source.image(i)).box for i in picked])
-    scored = {"before": score_queries(untrained, source, bank, picked, boxes, crop_size),
-              "after": score_queries(model, source, bank, picked, boxes, crop_size)}
+    return untrained, picked, boxes
 
+
+def split_by_query(picked: list[int], boxes: Tensor, scored: dict[str, dict[str, Tensor]], k: int) -> list[QueryScores]:
+    """One ``QueryScores`` per query crop from the networks' Q x N scores, with each distribution's top-k threshold."""
     found = []
     for q, (index, box) in enumerate(zip(picked, boxes.tolist())):
         scores = {net: {kind: scored[net][kind][q] for kind in KINDS} for net in NETWORKS}
         found.append(QueryScores(index, tuple(box), scores,
                                  {net: {kind: kth_largest(s, k) for kind, s in by_kind.items()}
                                   for net, by_kind in scores.items()}))
-    labels = {"before": "before (random init)" if before == "random" else f"before ({Path(before).name})",
-              "after": f"after ({Path(checkpoint).name})"}
-    figure = draw(found, k, bins, labels)
-    atomic_write(out_path, lambda tmp: figure.savefig(tmp, dpi=DPI, format=out_path.suffix.lower().lstrip(".")))
+    return found
+
+
+def write_record(json_path: Path, checkpoint: str, before: str, k: int, crop_size: int, seed: int, bank: Bank,
+                 found: list[QueryScores]) -> None:
+    """The raw numbers of the figure as JSON: settings, the bank's crops, each query's box, thresholds and scores."""
     record = {
         "checkpoint": str(checkpoint), "before": before, "k": k, "image_size": crop_size, "seed": seed,
         "bank": {"index": bank.index.tolist(), "box": bank.box.tolist()},
@@ -196,6 +191,36 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
                                 for net, by_kind in q.scores.items()}} for q in found],
     }
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+
+
+def score_histograms(checkpoint: str | None, out: str = "scores.png", before: str = "random",
+                     data: str | None = None, annotations: str | None = None, queries: int = 1,
+                     query_index: list[int] | None = None, seed: int = 0, bins: int = 50,
+                     image_size: int | None = None) -> ScoreHistograms:
+    """Compute and draw Fig. 3; write the figure to ``out`` and the raw numbers to ``out`` with ``.json``.
+
+    See the module docstring for what is scored against what.
+    """
+    from mls.checkpoint import load_pretrained
+
+    out_path, json_path = output_paths(checkpoint, out, before, queries, bins)
+    model, info = load_pretrained(checkpoint)
+    bank = stored_crops(model.queue)
+    source, data_args = checkpoint_data(info, checkpoint, data, annotations)
+    check_indices(bank.index.unique(), len(source), "the checkpoint's queue", data_args.get("data"))
+    if query_index:
+        check_indices(query_index, len(source), "--query-index", data_args.get("data"))
+    crop_size = image_size or data_args.get("image_size") or 224
+    k = model.config.topk
+    untrained, picked, boxes = before_network_and_queries(model, before, source, query_index, queries, seed, crop_size)
+    scored = {"before": score_queries(untrained, source, bank, picked, boxes, crop_size),
+              "after": score_queries(model, source, bank, picked, boxes, crop_size)}
+    found = split_by_query(picked, boxes, scored, k)
+    labels = {"before": "before (random init)" if before == "random" else f"before ({Path(before).name})",
+              "after": f"after ({Path(checkpoint).name})"}
+    figure = draw(found, k, bins, labels)
+    atomic_write(out_path, lambda tmp: figure.savefig(tmp, dpi=DPI, format=out_path.suffix.lower().lstrip(".")))
+    write_record(json_path, checkpoint, before, k, crop_size, seed, bank, found)
     return ScoreHistograms(found, bank, k, figure, json_path)
 
 
