@@ -76,3 +76,14 @@ def test_no_function_or_method_is_longer_than_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+
+
+def test_identifiers_spell_neighbor_one_way():
+    """Identifiers say "neighbor" (as the `mls visualize neighbors` command does); prose may say neighbour."""
+    import io
+    import tokenize
+
+    british = sorted({tok.string for path in SOURCE.rglob("*.py")
+                      for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+                      if tok.type == tokenize.NAME and "neighbour" in tok.string.lower()})
+    assert british == []

@@ -55,7 +55,7 @@ def load_results(path: Path) -> dict:
     return results
 
 
-def checkpoint_neighbour_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
+def checkpoint_neighbor_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
     """Share of the top-k neighbours (one random crop of every pretraining image) that share a class with
     their query crop, as ``benchmarks/demo_precision.py`` measures it; ``None`` without labels."""
     model, info = load_pretrained(checkpoint)
@@ -89,7 +89,7 @@ def score(checkpoint: Path, budget: Budget, seed: int, test: bool, workers: int)
                                                      workers).items()}
     if test:
         scores.update({f"test_{k}": v for k, v in probe_scores(checkpoint, data, size, budget, seed, workers).items()})
-    scores["precision"] = checkpoint_neighbour_precision(checkpoint, budget, seed)
+    scores["precision"] = checkpoint_neighbor_precision(checkpoint, budget, seed)
     return scores
 
 

@@ -41,8 +41,8 @@ def step_label_precision(labels: torch.Tensor, query_index: torch.Tensor, neighb
     """
     known = (neighbor_index >= 0).float()
     query = labels[query_index].bool()[:, None, :]
-    neighbours = labels[neighbor_index.clamp(min=0)].bool()
-    shared = (query & neighbours).any(-1).float()
+    neighbors = labels[neighbor_index.clamp(min=0)].bool()
+    shared = (query & neighbors).any(-1).float()
     return (shared * known).sum() / known.sum()  # 0/0 = NaN when no neighbour is known
 
 
