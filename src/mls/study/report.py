@@ -144,6 +144,17 @@ HEALTH_FIGURES = {
 }
 
 
+HEALTH_TITLES = {
+    "health/alignment": "alignment E‖z1 − z2‖² (4: z1 opposite its key)",
+    "health/logit_neg": "mean logit p/τ of the extra loss's negatives",
+    "health/rank_z": "effective rank (RankMe) of Q_z",
+    "health/rank_g": "effective rank (RankMe) of Q_g",
+    "health/grad_infonce": "InfoNCE's force on z1 (gradient norm)",
+    "health/grad_extra_neg": "extra loss's negative terms: force on z1\n(λ not applied; λ = 0 before the start)",
+    "health/grad_extra_pos": "extra loss's positive terms: force on z1\n(λ not applied)",
+}
+
+
 def health_series(results: dict, index: dict[str, dict[int, str]], names) -> dict[str, dict[str, list]]:
     """Per variant and measure: ``[(step, mean over seeds, [value of each seed])]`` from the cells' CSV logs
     (cells whose run folder is gone, or that logged no health, are left out)."""
@@ -175,7 +186,7 @@ def health_figure(results: dict, index: dict[str, dict[int, str]], names, out: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mls.viz.curves import KNOWN, LEGEND
+    from mls.viz.curves import KNOWN
 
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -187,8 +198,7 @@ def health_figure(results: dict, index: dict[str, dict[int, str]], names, out: P
             ax.plot(xs, [m for _, m, _ in measures[name]], color=colour, label=variant)
             for seed in range(len(measures[name][0][2])):
                 ax.plot(xs, [v[seed] for _, _, v in measures[name]], color=colour, alpha=0.25, linewidth=0.7)
-        ax.set_title(KNOWN.get(name, LEGEND.get(name, name)) + (f" ({LEGEND[name]})" if name in LEGEND else ""),
-                     fontsize=9)
+        ax.set_title(HEALTH_TITLES.get(name, KNOWN.get(name, name)), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
