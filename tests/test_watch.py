@@ -95,3 +95,26 @@ def test_a_run_warns_in_its_log_bar_and_summary_and_stops_when_asked(tmp_path, m
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] < 12  # 6 steps an epoch, 2 epochs: stopped after the grace and patience
     assert "stopping the run" in "\n".join(record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mocov2", "mls"])
+def test_both_methods_log_the_health_measures_to_csv_and_tensorboard(tmp_path, method):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import TINY
+
+    pretrain(out=str(tmp_path / "run"), method=method, epochs=1, max_steps=3, **TINY)
+    (metrics,) = (tmp_path / "run" / "csv").glob("version_*/metrics.csv")
+    logged = {k for row in csv.DictReader(open(metrics)) for k, v in row.items() if v}
+    expected = {"health/mean_norm", "health/uniformity", "health/alignment", "health/rank_z", "health/spread_z",
+                "health/grad_infonce"}
+    if method == "mls":
+        expected |= {"health/rank_g", "health/grad_extra_pos", "health/grad_extra_neg", "health/logit_pos",
+                     "health/logit_neg"}
+    assert expected <= logged and (method == "mls" or not any("extra" in k for k in logged if k.startswith("health/")))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert expected <= set(events.Tags()["scalars"])
