@@ -131,13 +131,20 @@ def measures_table(cells: list[dict]) -> str:
 
 
 def rankme(cells: list[dict]) -> str:
+    """RankMe of Q_z at the end of each run against its validation mAP: Spearman's ρ over every run, and over the
+    runs of one embedding size (RankMe counts dimensions, so it compares runs of the same dz)."""
     from scipy.stats import spearmanr
 
-    rows = [(c["variant"], c["seed"], c["series"]["health/rank_z"][-1][1], c["scores"]["val_map"]) for c in cells]
-    rho, p = spearmanr([r[2] for r in rows], [r[3] for r in rows])
-    lines = ["| variant | seed | RankMe of Q_z at the end | val mAP |", "|---|---|---|---|"]
-    lines += [f"| {v} | {s} | {r:.1f} | {m:.1f} |" for v, s, r, m in sorted(rows, key=lambda r: -r[3])]
-    lines += ["", f"Spearman's ρ between the two over {len(rows)} runs: {rho:.2f} (p = {p:.2g})."]
+    rows = [(c["variant"], c["seed"], resolve_cell(c["settings"]).model.dim, c["series"]["health/rank_z"][-1][1],
+             c["scores"]["val_map"]) for c in cells]
+    lines = ["| variant | seed | dz | RankMe of Q_z at the end | val mAP |", "|---|---|---|---|---|"]
+    lines += [f"| {v} | {s} | {d} | {r:.1f} | {m:.1f} |" for v, s, d, r, m in sorted(rows, key=lambda r: -r[4])]
+    lines.append("")
+    groups = {"every run": rows, **{f"dz = {d}": [r for r in rows if r[2] == d] for d in sorted({r[2] for r in rows})}}
+    for name, group in groups.items():
+        if len(group) >= 3:
+            rho, p = spearmanr([r[3] for r in group], [r[4] for r in group])
+            lines.append(f"- {name} ({len(group)} runs): Spearman's ρ = {rho:.2f} (p = {p:.2g})")
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,7 @@ def assess(health: dict[str, float], method: str = "mls") -> Finding | None:
         return Finding("not spreading", (
             f"the embedding is not spreading: the queue's keys stay bunched in one direction (‖mean(Q_z)‖ = "
             f"{bunched:.2f}, above {MEAN_NORM_LIMIT}; healthy runs measured 0.25-0.70 past step {GRACE_STEPS}), "
-            f"which left the features 15-20 mAP worse than MoCo-v2's in docs/study/health; {advice}"))
+            f"which left the features 17-19 mAP worse than MoCo-v2's in docs/study/health; {advice}"))
     return None
 
 
