@@ -29,7 +29,7 @@ from mls.options import flat_options
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS, PretrainSettings
 from mls.train.data import PretrainData
 from mls.train.module import PretrainModule
-from mls.train.watch import GRACE_STEPS, PATIENCE, HealthWatch
+from mls.train.watch import HealthWatch
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted"
@@ -78,28 +78,15 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        finding = health_finding(trainer)
-        if finding is not None:
-            metrics["health"] = finding.short
+        watch = health_watch(trainer)
+        if watch is not None and watch.finding is not None:
+            metrics["health"] = watch.finding.short
         return metrics
 
 
-def health_line(trainer: L.Trainer, log_every: int) -> str:
-    """The summary's word on the embedding's health (mls.train.watch)."""
-    finding = health_finding(trainer)
-    if finding is not None:
-        return f"health: {finding.message}"
-    per_epoch = getattr(trainer, "num_training_batches", 0)
-    start = max(GRACE_STEPS, per_epoch if math.isfinite(per_epoch) else 0)
-    if trainer.global_step < start + PATIENCE * log_every:
-        return f"health: not judged (the watch reads the embedding's spread from step {start} on; mls plot draws it)"
-    return "health: no sign of a collapsing or bunched embedding (mls plot draws the measures)"
-
-
-def health_finding(trainer: L.Trainer):
-    """What the run's ``HealthWatch`` found, or None."""
-    watch = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, HealthWatch)), None)
-    return None if watch is None else watch.finding
+def health_watch(trainer: L.Trainer) -> HealthWatch | None:
+    """The run's ``HealthWatch``, or None."""
+    return next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, HealthWatch)), None)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -312,7 +299,9 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
             terms += f", pseudo-label precision {means['label_precision']:.3f} (share of selected neighbours " \
                      "sharing a class with their query)"
         lines.append(f"epoch {epoch} on average: {terms}")
-    lines.append(health_line(trainer, settings.train.log_every))
+    watch = health_watch(trainer)
+    if watch is not None:
+        lines.append(watch.verdict)
     lines.append(f"logs: {csv_dir}/metrics.csv and {out / 'tensorboard'}")
     evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
                 else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")

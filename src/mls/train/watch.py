@@ -57,7 +57,18 @@ class HealthWatch(L.Callback):
     def __init__(self, on_collapse: str = "warn"):
         self.on_collapse = on_collapse
         self.finding: Finding | None = None
+        self.judged = 0  # log steps read past the grace period
         self._streak = 0
+
+    @property
+    def verdict(self) -> str:
+        """The run's health in one line, for its summary."""
+        if self.finding is not None:
+            return f"health: {self.finding.message}"
+        if self.judged < PATIENCE:
+            return (f"health: not judged (the watch reads the embedding's spread from step {GRACE_STEPS} or the "
+                    "second epoch on; mls plot draws it)")
+        return "health: no sign of a collapsing or bunched embedding (mls plot draws the measures)"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logged = pl_module.pending_health  # set by the step when it measured health (every log step)
@@ -66,6 +77,7 @@ class HealthWatch(L.Callback):
             return
         if trainer.global_step < max(GRACE_STEPS, pl_module.hparams.steps_per_epoch):
             return
+        self.judged += 1
         finding = assess({k: float(v) for k, v in logged.items()}, pl_module.model.config.method)
         self._streak = self._streak + 1 if finding else 0
         if finding and self._streak >= PATIENCE:
