@@ -101,8 +101,8 @@ SETTINGS = (MLSConfig, ViewConfig, TrainConfig)
 
 # The extra loss as `mls study` supports it for budgets shorter than the paper's (docs/study/health): its
 # positive and negative terms averaged separately, at λ = 0.25, added from epoch 2 on. Measured level with
-# MoCo-v2 at 8 and 32 epochs on the built-in scenes (three pretraining seeds each) and at 12 epochs on real
-# photos, where Eq. 9 as written from the first step (the paper's setting) fell 16 to 26 mAP behind MoCo-v2.
+# MoCo-v2 at 8 and 32 epochs on the built-in scenes (three pretraining seeds each), where Eq. 9 as written
+# from the first step (the paper's setting) fell 16 to 26 mAP behind MoCo-v2.
 # The paper's 400-800 epochs on COCO are not measured here: `--preset paper` runs them as published.
 RECOMMENDED = dict(extra_weight=0.25, bce_balanced=True, extra_start_epoch=2)
 
