@@ -19,6 +19,7 @@ from mls.files import CheckpointNotWritten
 
 def _commands() -> dict:
     """Sub-commands, imported here so that ``import mls.cli`` stays light."""
+    from mls.data.sharding import shard
     from mls.data.synthetic import synth
     from mls.eval.commands import finetune, knn, linear
     from mls.export import export
@@ -32,6 +33,7 @@ def _commands() -> dict:
     return {
         "pretrain": pretrain,
         "synth": synth,
+        "shard": shard,
         "export": export,
         "eval": {"linear": linear, "finetune": finetune, "knn": knn},
         "transfer": {"detect": detect, "segment": segment},

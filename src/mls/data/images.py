@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -49,34 +50,63 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as 8-bit RGB whatever its mode; ``UnreadableImage`` if it cannot be decoded."""
+def decode_rgb(file, name: str | os.PathLike) -> Image.Image:
+    """An image (a path or a binary file object) as 8-bit RGB whatever its mode; ``UnreadableImage`` (naming
+    it ``name``) if it cannot be decoded."""
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             img.load()  # decode now, so a truncated file fails here and not later in a transform
             return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise UnreadableImage(path, str(error) or type(error).__name__) from error
+        raise UnreadableImage(name, str(error) or type(error).__name__) from error
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as 8-bit RGB whatever its mode; ``UnreadableImage`` if it cannot be decoded."""
+    return decode_rgb(path, path)
+
+
+def _jpeg_pixels(data: torch.Tensor) -> torch.Tensor | None:
+    """An 8-bit RGB or grey JPEG's bytes decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo, as PIL's,
+    without the PIL image in between) as uint8 (3, H, W); ``None`` for anything else (CMYK, 12-bit,
+    truncated, corrupt, not a JPEG), which PIL decides."""
+    if not (data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8):  # the JPEG start-of-image marker
+        return None
+    try:
+        pixels = decode_jpeg(data, mode=ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None
+    if pixels.shape[0] == 3:
+        return pixels
+    return pixels.expand(3, -1, -1).contiguous() if pixels.shape[0] == 1 else None
+
+
+def _as_tensor(rgb: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_pixels(data: torch.Tensor, name: str | os.PathLike) -> torch.Tensor:
+    """An encoded image (a file's bytes as a 1-D uint8 tensor) as a uint8 (3, H, W) tensor: the same pixels
+    as ``decode_rgb``, fast for JPEGs (``_jpeg_pixels``); ``UnreadableImage`` (naming it ``name``) for a bad one."""
+    pixels = _jpeg_pixels(data)
+    return pixels if pixels is not None else _as_tensor(decode_rgb(io.BytesIO(data.numpy().tobytes()), name))
 
 
 def load_pixels(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a uint8 (3, H, W) tensor: the same pixels as ``load_rgb``, faster for JPEGs.
-
-    8-bit RGB and grey JPEGs are decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo, as PIL's,
-    without the PIL image in between); every other file, and any JPEG it refuses (CMYK, 12-bit,
-    truncated, corrupt), goes through ``load_rgb``, which raises ``UnreadableImage`` for a bad file.
-    """
+    """An image file as a uint8 (3, H, W) tensor: ``decode_pixels`` of its bytes; every file the JPEG fast
+    path refuses goes through ``load_rgb``, which raises ``UnreadableImage`` for a bad file."""
     try:
-        data = read_file(str(path))
-        if data.numel() > 2 and data[0] == 0xFF and data[1] == 0xD8:  # the JPEG start-of-image marker
-            pixels = decode_jpeg(data, mode=ImageReadMode.UNCHANGED)
-            if pixels.shape[0] == 3:
-                return pixels
-            if pixels.shape[0] == 1:
-                return pixels.expand(3, -1, -1).contiguous()
-    except RuntimeError:  # unreadable or undecodable here: PIL decides
-        pass
-    return torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1).contiguous()
+        pixels = _jpeg_pixels(read_file(str(path)))
+    except RuntimeError:  # unreadable here: PIL decides
+        pixels = None
+    return pixels if pixels is not None else _as_tensor(load_rgb(path))
+
+
+def image_set_fingerprint(names: list[str]) -> str:
+    """What identifies a set of images wherever it lies (a folder or shards): their number and a short hash
+    of their sorted relative names (not of their contents, so that it costs no reading)."""
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:12]
+    return f"image folder: {len(names)} images, names {digest}"
 
 
 def _scan_images(root: str) -> list[str]:
@@ -98,7 +128,7 @@ def _scan_images(root: str) -> list[str]:
     return sorted(found)
 
 
-def _read_coco_labels(annotations: str) -> tuple[list[str], list[list[int]], tuple[str, ...]]:
+def read_coco_labels(annotations: str) -> tuple[list[str], list[list[int]], tuple[str, ...]]:
     """File names, 0-based class indices per image and class names from a COCO ``instances_*.json``.
 
     Category ids (1..90 with gaps in COCO) become contiguous indices in increasing id order.
@@ -141,7 +171,7 @@ class ImageFolderSource:
         if annotations is None:
             self.files = on_disk
         else:
-            self.files, self._labels, self.classes = _read_coco_labels(annotations)
+            self.files, self._labels, self.classes = read_coco_labels(annotations)
             absent = sorted(set(self.files) - set(on_disk))
             if absent:
                 raise FileNotFoundError(
@@ -156,10 +186,8 @@ class ImageFolderSource:
         return len(self.files)
 
     def fingerprint(self) -> str:
-        """What identifies these images wherever the folder lies: their number and a short hash of their
-        sorted relative file names (not of their contents, so that it costs no reading)."""
-        names = hashlib.sha256("\n".join(sorted(self.files)).encode()).hexdigest()[:12]
-        return f"image folder: {len(self.files)} images, names {names}"
+        """``image_set_fingerprint`` of the files: a shard set made from this folder has the same."""
+        return image_set_fingerprint(self.files)
 
     def path(self, i: int) -> Path:
         """The file of image ``i``."""
