@@ -1,11 +1,13 @@
-"""What detection and segmentation fine-tuning share: SGD with its schedule, the Lightning module, the trainer."""
+"""What detection and segmentation fine-tuning share: SGD with its schedule, the Lightning module, the trainer,
+the run options, and how a command's options come from its settings dataclasses (``TransferOptions``)."""
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from mls.config import check, setting
-from mls.options import flat_options
+from mls.options import flat_options, split_options
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 
@@ -140,3 +142,57 @@ class RunOptions:
 def with_run_options(fn: Callable) -> Callable:
     """Give ``fn(..., **run)`` one keyword option per ``RunOptions`` field (``--weights``, ``--devices``, ...)."""
     return flat_options(fn, (RunOptions,))
+
+
+def _shown(value: Any) -> str:
+    """A default as an option's help writes it: ``0.02``, ``60000 80000``, and ``640..800 step 32`` for a longer
+    evenly spaced run."""
+    if not isinstance(value, tuple):
+        return str(value)
+    gaps = {b - a for a, b in zip(value, value[1:])}
+    if len(value) > 3 and len(gaps) == 1:
+        return f"{value[0]}..{value[-1]} step {gaps.pop()}"
+    return " ".join(map(str, value))
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """The options of one transfer command, each a documented field of a settings dataclass: the model's, the
+    protocol's (unset: the chosen data set's protocol in ``protocols``) and ``RunOptions``.
+
+    ``options`` gives a command function these options, ``settings`` turns the ones it was given back into
+    the dataclasses, each checked where it is declared (in its ``__post_init__``).
+    """
+
+    model: type  # the settings of the model built on the backbone: head and sizes
+    protocols: dict  # data set -> its protocol, all instances of one settings dataclass
+    choice: str  # the option naming the data set, e.g. "--format"
+
+    @property
+    def protocol(self) -> type:
+        """The settings dataclass of the protocols."""
+        return type(next(iter(self.protocols.values())))
+
+    def describe(self, f: Field) -> str:
+        """A protocol option's help: its doc and each data set's value, e.g. "training iterations [coco: 90000;
+        voc: 24000]" (data sets that agree share one entry)."""
+        names_by_value: dict[str, list[str]] = {}
+        for name, protocol in self.protocols.items():
+            names_by_value.setdefault(_shown(getattr(protocol, f.name)), []).append(name)
+        defaults = "; ".join(f"{', '.join(names)}: {value}" for value, names in names_by_value.items())
+        return f"{f.metadata['doc']} [{defaults}]"
+
+    def options(self, fn: Callable) -> Callable:
+        """Give ``fn(..., **options)`` one keyword option per field of the model (with its default), then of the
+        protocol (``None``: the data set's value), then of ``RunOptions``."""
+        fn = flat_options(fn, (self.model,))
+        return with_run_options(flat_options(fn, (self.protocol,), unset_is_none=True, describe=self.describe))
+
+    def settings(self, key: str, options: dict) -> tuple[RunOptions, Any, Any]:
+        """The run options, the model, and the protocol of data set ``key`` with each option given (not ``None``)
+        in place of its value."""
+        run, model, protocol = split_options(options, (RunOptions, self.model, self.protocol))
+        run, model = RunOptions(**run), self.model(**model)
+        if key not in self.protocols:
+            raise ValueError(f"{self.choice} must be one of {', '.join(self.protocols)}, got {key!r}")
+        return run, model, replace(self.protocols[key], **{k: v for k, v in protocol.items() if v is not None})
