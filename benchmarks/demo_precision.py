@@ -16,8 +16,9 @@ from pathlib import Path
 from jsonargparse import CLI
 
 from mls.data.synthetic import SyntheticScenes
+from mls.neighbors import neighbor_precision
 from mls.train import pretrain
-from mls.viz.neighbors import neighbors, precision
+from mls.viz.neighbors import neighbors
 
 VARIANTS = {
     "random init (lr 0)": dict(lr=0.0, epochs=1),
@@ -45,7 +46,7 @@ def benchmark(out: str = "runs/bench-precision", queries: int = 200, k: int = 20
         ckpt = pretrain(out=str(run), seed=seed, **overrides)
         found = neighbors(checkpoint=str(ckpt), out=str(run / "neighbors.png"), queries=queries, k=k,
                           bank="dataset", seed=seed, tile=32)
-        results[name] = precision(found)
+        results[name] = neighbor_precision(found)
     print(f"\nneighbour precision, {queries} queries x top-{k} among 2,000 scenes (chance {chance:.3f}):")
     print("| pretraining | precision | vs random init |\n|---|---|---|")
     base = results["random init (lr 0)"]

@@ -9,7 +9,8 @@ from mls import MLS
 from mls.checkpoint import save_pretrained
 from mls.cli import main
 from mls.data.sources import open_source
-from mls.viz.neighbors import Bank, Layout, nearest, neighbors, queue_bank
+from mls.neighbors import Bank, nearest, queue_bank
+from mls.viz.neighbors import Layout, neighbors
 
 NUM_IMAGES, SIZE, TILE = 40, 32, 64  # 32 px images in 64 px tiles: every box edge lands on a whole pixel
 DATA = dict(data=None, annotations=None, num_images=NUM_IMAGES, image_size=SIZE, seed=0)

@@ -3,7 +3,8 @@
 A pretraining checkpoint is Lightning's: ``state_dict`` holds the ``MLS`` module under
 ``model.`` (both encoders and the queues) and ``hyper_parameters`` holds ``model`` (the
 ``MLSConfig`` fields), ``data`` (what it was trained on) and ``mls_version``. Checkpoints of
-mls 0.2 (no ``mls_version``; older setting names and defaults) still load.
+earlier versions, from mls 0.2 on, still load: every loader reads them through
+``mls.checkpoint_versions.upgrade``, which says what each version wrote.
 """
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ from torch import nn
 
 import mls
 from mls.backbones import build_backbone
+from mls.checkpoint_versions import upgrade, written_by
 from mls.config import MLSConfig, from_dict
 from mls.files import atomic_write
 from mls.model import MLS
 
 PREFIX = "model."
-# Defaults of mls 0.2's MLS, for checkpoints written without every setting; the names are translated
-# by ``mls.config.RENAMED`` (bce_weight -> extra_weight, bce_tau -> extra_tau).
-DEFAULTS_0_2 = {"queue_size": 65536, "dim": 128, "momentum": 0.999, "extra_weight": 1.0}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -92,20 +91,9 @@ def is_pretraining_checkpoint(ckpt: dict) -> bool:
     return isinstance(ckpt, dict) and "state_dict" in ckpt and "model" in ckpt.get("hyper_parameters", {})
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".")[:2])
-
-
-def model_config(info: dict, path: str | os.PathLike = "the checkpoint") -> MLSConfig:
-    """The ``MLSConfig`` a checkpoint's hyper-parameters describe, from mls 0.2 on."""
-    version = info.get("mls_version", "0.2")
-    if _version(version) > _version(mls.__version__):
-        raise ValueError(f"{path} was written by mls {version}, newer than this mls {mls.__version__}: "
-                         "upgrade mls to read it")
-    settings = dict(info["model"])
-    if "mls_version" not in info:  # mls 0.2 stored its own keyword arguments, under its own defaults
-        settings = {**DEFAULTS_0_2, **settings}
-    return from_dict(MLSConfig, settings)
+def model_config(ckpt: dict) -> MLSConfig:
+    """The ``MLSConfig`` of a pretraining checkpoint as ``upgrade`` returns it."""
+    return from_dict(MLSConfig, ckpt["hyper_parameters"]["model"])
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[MLS, dict]:
@@ -121,13 +109,13 @@ def load_pretrained(path: str | os.PathLike) -> tuple[MLS, dict]:
 
 
 def _pretrained(ckpt: dict, path: str | os.PathLike) -> tuple[MLS, dict]:
-    info = dict(ckpt["hyper_parameters"])
-    config = model_config(info, path)
+    ckpt = upgrade(ckpt, path)
+    info, config = dict(ckpt["hyper_parameters"]), model_config(ckpt)
     model = MLS(config)
     state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} (mls {info.get('mls_version', '0.2')}) does not fit its own settings: missing "
+        raise ValueError(f"{path} (mls {written_by(ckpt)}) does not fit its own settings: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval(), {**info, "model": dataclasses.asdict(config)}
 
@@ -158,7 +146,7 @@ def backbone_info(weights: str, arch: str | None = None, small_stem: bool | None
         return {"arch": arch or "resnet50", "small_stem": bool(small_stem), "image_size": None}
     ckpt = read_checkpoint(weights) if ckpt is None else ckpt
     if is_pretraining_checkpoint(ckpt):
-        config = model_config(ckpt["hyper_parameters"], weights)
+        config = model_config(upgrade(ckpt, weights))
         return {"arch": config.arch, "small_stem": config.small_stem,
                 "image_size": ckpt["hyper_parameters"].get("data", {}).get("image_size")}
     state = _torchvision_state(ckpt, weights)

@@ -15,9 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Names used by mls 0.2.0 for settings that were renamed since (read from old checkpoints and configs).
-RENAMED = {"bce_weight": "extra_weight", "bce_tau": "extra_tau"}
-
 
 def setting(default: Any, doc: str) -> Any:
     """A dataclass field with its one-line doc, which the command line shows as the option's help."""
@@ -39,11 +36,10 @@ def check_probability(name: str, p: float) -> None:
     check(0 <= p <= 1, name, f"is a probability and must be between 0 and 1, got {p}")
 
 
-def from_dict(cls, values: dict, renamed: dict[str, str] | None = None):
-    """``cls(**values)`` with old names translated and keys that ``cls`` does not have left out."""
-    renamed = RENAMED if renamed is None else renamed
+def from_dict(cls, values: dict):
+    """``cls(**values)`` with the keys that ``cls`` does not have left out. (The names of older checkpoints
+    are translated by ``mls.checkpoint_versions``.)"""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {renamed.get(k, k): v for k, v in values.items()}
     return cls(**{k: v for k, v in values.items() if k in names})
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from mls.checkpoint import backbone_info, load_pretrained
+from mls.checkpoint import backbone_info
 from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
 from mls.eval.protocols import Task, knn_classify, linear_probe
 from mls.files import atomic_write
+from mls.neighbors import dataset_bank, neighbor_precision, open_pretrained, search
 from mls.study.grids import Budget, cell_options, cell_preset, grid_cells, load_budget, resolve_cell
 from mls.study.report import write_outputs
 from mls.train import pretrain
-from mls.viz.neighbors import checkpoint_data, dataset_bank, precision, search
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
 BOOKKEEPING = ("save_every", "log_every", "workers")
@@ -58,17 +58,16 @@ def load_results(path: Path) -> dict:
 def checkpoint_neighbor_precision(checkpoint: Path, budget: Budget, seed: int) -> float | None:
     """Share of the top-k neighbours (one random crop of every pretraining image) that share a class with
     their query crop, as ``benchmarks/demo_precision.py`` measures it; ``None`` without labels."""
-    model, info = load_pretrained(checkpoint)
-    source, data_args = checkpoint_data(info, str(checkpoint))
+    opened = open_pretrained(str(checkpoint))
+    model, source, size = opened.model, opened.source, opened.image_size
     if source.multi_hot() is None:
         return None
-    size = data_args.get("image_size") or 224
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         queries = torch.randperm(len(source))[:budget.queries].tolist()
         bank = dataset_bank(model.backbone_q, source, size, list(range(len(source))))
         found = search(model.backbone_q, source, bank, queries, budget.k, size)
-    return precision(found)
+    return neighbor_precision(found)
 
 
 def probe_scores(checkpoint: Path, probe, image_size: int, budget: Budget, seed: int, workers: int) -> dict:

@@ -146,7 +146,7 @@ class PretrainSettings:
         values = {**PRESETS[preset], **{k: v for k, v in options.items() if v is not None}}
         unknown = set(values) - {f.name for group in SETTINGS for f in dataclasses.fields(group)}
         check(not unknown, "options", f"unknown settings {sorted(unknown)}")
-        return cls(*(from_dict(group, values, renamed={}) for group in SETTINGS), preset)
+        return cls(*(from_dict(group, values) for group in SETTINGS), preset)
 
     def summary(self) -> str:
         """The settings that decide what a run learns, as resolved: "MLS: ResNet-18, 64 px, D 1,024, k 20, λ 0.25

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import mls
 from mls.config import MLSConfig, from_dict
 from mls.model import MLS
+from mls.neighbors import step_label_precision
 from mls.train.config import TrainConfig
 
 
@@ -31,19 +32,6 @@ def extra_weight_factor(epoch: float, start: float, ramp: float) -> float:
     if epoch < start:
         return 0.0
     return 1.0 if ramp <= 0 else min(1.0, (epoch - start) / ramp)
-
-
-def step_label_precision(labels: torch.Tensor, query_index: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
-    """Share of selected neighbours that share at least one true class with their query.
-
-    ``labels`` is the data set's multi-hot table, ``neighbor_index`` (N x k) the source
-    images of each query's pseudo-positives (-1: unknown, left out). NaN when none is known.
-    """
-    known = (neighbor_index >= 0).float()
-    query = labels[query_index].bool()[:, None, :]
-    neighbors = labels[neighbor_index.clamp(min=0)].bool()
-    shared = (query & neighbors).any(-1).float()
-    return (shared * known).sum() / known.sum()  # 0/0 = NaN when no neighbour is known
 
 
 class PretrainModule(L.LightningModule):

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mls.files import atomic_write, ensure_writable
+from mls.neighbors import Bank, crop_view, embed_boxes, open_pretrained
 from mls.selection import cosine_similarity
 from mls.viz.curves import DPI
-from mls.viz.neighbors import Bank, check_indices, checkpoint_data, crop_view, embed_boxes
 
 NETWORKS = ("before", "after")
 KINDS = {"backbone": "backbone scores ĝ1·Q_gᵀ", "mlp": "MLP scores z1·Q_zᵀ"}
@@ -62,21 +62,6 @@ class ScoreHistograms:
     k: int
     figure: object  # matplotlib.figure.Figure: 2 axes per query (backbone, MLP)
     json_path: Path | None = None
-
-
-def stored_crops(queue: nn.Module) -> Bank:
-    """Index and box of every written entry of ``Q_g`` whose source image is known; its ``g`` as stored.
-
-    Fails with one line when the queue keeps no ``Q_g`` (MoCo-v2) or no entry knows its source.
-    """
-    if "g" not in queue:
-        raise ValueError("the checkpoint's queue keeps no Q_g (a MoCo-v2 run, or one pretrained without "
-                         "--store-g true): score histograms need the crops of Q_g's entries")
-    keep = queue.valid & (queue["index"] >= 0)
-    if not bool(keep.any()):
-        raise ValueError("the checkpoint's Q_g holds no entries with a known source image (index and box), "
-                         "so there are no crops to score against")
-    return Bank(F.normalize(queue["g"][keep].float(), dim=1), queue["index"][keep].long(), queue["box"][keep].float())
 
 
 def encoder(model: nn.Module):
@@ -201,16 +186,10 @@ def score_histograms(checkpoint: str | None, out: str = "scores.png", before: st
 
     See the module docstring for what is scored against what.
     """
-    from mls.checkpoint import load_pretrained
-
     out_path, json_path = output_paths(checkpoint, out, before, queries, bins)
-    model, info = load_pretrained(checkpoint)
-    bank = stored_crops(model.queue)
-    source, data_args = checkpoint_data(info, checkpoint, data, annotations)
-    check_indices(bank.index.unique(), len(source), "the checkpoint's queue", data_args.get("data"))
-    if query_index:
-        check_indices(query_index, len(source), "--query-index", data_args.get("data"))
-    crop_size = image_size or data_args.get("image_size") or 224
+    opened = open_pretrained(checkpoint, data, annotations, query_index, image_size,
+                             "score histograms need the crops of Q_g's entries")
+    model, source, bank, crop_size = opened.model, opened.source, opened.bank, opened.image_size
     k = model.config.topk
     untrained, picked, boxes = before_network_and_queries(model, before, source, query_index, queries, seed, crop_size)
     scored = {"before": score_queries(untrained, source, bank, picked, boxes, crop_size),
