@@ -18,7 +18,7 @@ from PIL import Image
 from mls.checkpoint import read_checkpoint
 from mls.cli import main
 from mls.data.images import load_pixels
-from mls.data.sharding import shard
+from mls.data.sharding import chunk_bytes, shard
 from mls.data.shards import MANIFEST, ShardSource, is_shard_set
 from mls.train import pretrain
 from mls.train.data import PretrainData
@@ -104,6 +104,10 @@ def test_shard_refuses_bad_folders_before_writing(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         shard(str(folder), out=str(tmp_path / "full"))
+    with pytest.raises(ValueError, match="--size: got 'abc', expected a size such as 64MB"):
+        shard(str(folder), out=str(tmp_path / "c"), size="abc")
+    assert not (tmp_path / "c").exists()
+    assert (chunk_bytes("64MB"), chunk_bytes("40 kb"), chunk_bytes("1.5GB")) == (64 * 1024**2, 40 * 1024, 3 * 1024**3 // 2)
     with pytest.raises(ValueError, match="writes to a local folder"):
         shard(str(folder), out="s3://bucket/shards")
     (tmp_path / "bad").mkdir()
@@ -166,6 +170,10 @@ def test_shards_and_their_folder_give_the_same_views_losses_and_weights(tmp_path
     for key, value in x["state_dict"].items():
         assert torch.equal(value, y["state_dict"][key]), key
     assert x["hyper_parameters"]["data"]["fingerprint"] == y["hyper_parameters"]["data"]["fingerprint"]
+    # the figures find the images again in the shards, by the queue's image indices
+    main(["visualize", "neighbors", "--checkpoint", str(runs["shards"]), "--out", str(tmp_path / "nb.png"),
+          "--queries", "2", "--k", "3"])
+    assert Image.open(tmp_path / "nb.png").size[0] > 0
 
 
 class Crash(Exception):

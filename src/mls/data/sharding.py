@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -23,6 +24,18 @@ LISTED_UNREADABLE = 100
 # worker processes: forked where the system can (they start in milliseconds and only read and decode files
 # with PIL); spawned elsewhere, which re-imports torch in each (seconds)
 START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+UNITS = {"": 1, "b": 1, "kb": 2**10, "k": 2**10, "mb": 2**20, "m": 2**20, "gb": 2**30, "g": 2**30}
+
+
+def chunk_bytes(size: str) -> int:
+    """``"64MB"`` -> 67108864: a chunk size in bytes, KB, MB or GB (powers of 1024, as litdata counts)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    unit = match.group(2).lower() if match else None
+    if unit not in UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"--size: got {size!r}, expected a size such as 64MB, 512KB or 1GB")
+    return int(float(match.group(1)) * UNITS[unit])
 
 
 def unreadable_reason(path: str) -> str | None:
@@ -91,17 +104,18 @@ def shard(data: str, out: str | None = None, size: str = "64MB", workers: int | 
 
     if out is None:
         raise ValueError("mls shard needs --out: a new folder for the shard set")
-    folder = ImageFolderSource(data)
-    target = _output_folder(out)
+    size_bytes = chunk_bytes(size)
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    folder = ImageFolderSource(data)
+    target = _output_folder(out)
     readable, unreadable = check_images(folder, workers)
     if not readable:
         raise ValueError(f"none of the {len(folder)} image files in {data} can be read, e.g. "
                          f"{unreadable[0]['name']}: {unreadable[0]['reason']}")
     litdata.optimize(fn=shard_item, inputs=[(name, str(folder.root / name)) for name in readable],
-                     output_dir=str(target), chunk_bytes=size, num_workers=min(workers, len(readable)),
+                     output_dir=str(target), chunk_bytes=size_bytes, num_workers=min(workers, len(readable)),
                      keep_data_ordered=True, reorder_files=False, start_method=START_METHOD, verbose=True)
     manifest = shard_manifest(folder, readable, unreadable, size)
     atomic_write(target / NAMES, lambda tmp: Path(tmp).write_text("\n".join(readable) + "\n"))

@@ -14,10 +14,10 @@ for that image's bytes, so no chunk has to be downloaded whole.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,8 +41,18 @@ def is_shard_set(location: str | os.PathLike) -> bool:
     return is_remote(str(location)) or (Path(location) / MANIFEST).is_file()
 
 
+def _cache_folder(location: str, cache_dir: str | None) -> Path:
+    """Where the files of a remote shard set are kept: ``cache_dir``, or one folder per URL under
+    ``$MLS_CACHE`` (default ``~/.cache/mls``)/shards."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    root = Path(os.environ.get("MLS_CACHE", Path.home() / ".cache" / "mls"))
+    return root / "shards" / hashlib.sha1(location.encode()).hexdigest()[:16]
+
+
 def _fetch(location: str, name: str, cache_dir: str | None) -> Path:
-    """The local path of the file ``name`` of a shard set: in the folder itself, or downloaded into the cache."""
+    """The local path of the file ``name`` of a shard set: in the folder itself, or downloaded into the cache
+    (afresh each time, into a file of this process's, then renamed: ranks on one node may fetch at once)."""
     if not is_remote(location):
         path = Path(location) / name
         if not path.is_file():
@@ -50,13 +60,14 @@ def _fetch(location: str, name: str, cache_dir: str | None) -> Path:
         return path
     from litdata.streaming.downloader import get_downloader
 
-    folder = Path(cache_dir or tempfile.mkdtemp(prefix="mls-shards-"))
+    folder = _cache_folder(location, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    local = folder / name
+    local, partial = folder / name, folder / f".{name}.{os.getpid()}"
     try:
-        get_downloader(location, str(folder), []).download_file(f"{location.rstrip('/')}/{name}", str(local))
+        get_downloader(location, str(folder), []).download_file(f"{location.rstrip('/')}/{name}", str(partial))
     except Exception as error:  # each store raises its own kind
         raise FileNotFoundError(f"cannot read {name} of the shard set {location}: {error}") from error
+    os.replace(partial, local)
     return local
 
 
@@ -74,7 +85,8 @@ class ShardSource:
     ``ImageFolderSource``: ``image(i)``, ``pixels(i)``, ``labels(i)``, ``classes``, ``multi_hot()``,
     ``fingerprint()``.
 
-    ``cache_dir``: where chunks and files of a remote set are kept (litdata's default when ``None``).
+    ``cache_dir``: where the manifest and names of a remote set are kept (``_cache_folder``), and litdata's
+    index (its own default cache when ``None``).
     Each process opens its own ``StreamingDataset`` on first read (worker processes included).
     """
 
