@@ -7,8 +7,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from mls.config import MLSConfig
-from mls.train import pretrain
 from mls.train.config import PretrainSettings
+from mls.train.run import pretrain_command
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 COCO = ["mls_coco_r50_800ep.yaml", "mls_coco_r50_400ep.yaml", "mocov2_coco_r50_800ep.yaml",
@@ -20,7 +20,7 @@ PAPER = {"queue_size": 4096, "extra_weight": 0.5, "momentum": 0.995, "dim": 256,
 
 def parse(name):
     parser = ArgumentParser()
-    parser.add_function_arguments(pretrain)
+    parser.add_function_arguments(pretrain_command())
     return parser.parse_path(str(CONFIGS / name))
 
 

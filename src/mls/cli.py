@@ -24,14 +24,14 @@ def _commands() -> dict:
     from mls.eval.commands import finetune, knn, linear
     from mls.export import export
     from mls.study import study
-    from mls.train import pretrain
+    from mls.train.run import pretrain_command
     from mls.transfer.commands import detect, segment
     from mls.viz.curves import plot
     from mls.viz.neighbors import neighbors
     from mls.viz.scores import scores
 
     return {
-        "pretrain": pretrain,
+        "pretrain": pretrain_command(),
         "synth": synth,
         "shard": shard,
         "export": export,

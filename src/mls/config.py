@@ -6,7 +6,9 @@ ICCV 2023, §3.3 and §4.1): D = 4,096 for both queues, dz = 256, m = 0.995, k =
 shared by InfoNCE and the BCE (Eq. 9, 10).
 
 A setting is one ``setting(default, doc)`` line below plus, if it has a range, one line in
-``__post_init__``: nothing else needs editing for the command line, the configs or the checkpoint.
+``__post_init__``: nothing else needs editing for the command line, the configs or the checkpoint. For
+editors and type checkers, ``mls.train.options.PretrainOptions`` spells the settings out as ``pretrain``'s
+keywords: regenerate it (its docstring says how; a test fails, showing the text, until it matches).
 """
 from __future__ import annotations
 

@@ -2,12 +2,16 @@
 
 ``mls pretrain`` and ``mls transfer detect/segment`` take ``**options`` whose names, types, defaults
 and docs are the fields of settings dataclasses: each setting is declared once, in its dataclass.
-``split_options`` hands the options a command was given back to their dataclasses.
+``split_options`` hands the options a command was given back to their dataclasses. ``typed_dict_source``
+writes those options out as a ``TypedDict``, for a function that takes them as ``**options`` to declare its
+keywords to type checkers and editors (``mls.train.options.PretrainOptions``).
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -68,3 +72,46 @@ def split_options(options: dict, groups: tuple[type, ...]) -> list[dict]:
         split.append({name: tuple(value) if name in tuples and isinstance(value, list) else value
                       for name, value in options.items() if name in fields})
     return split
+
+
+def _members(t: Any) -> tuple:
+    """The types a union joins (``int | None``: ``int``, ``NoneType``); any other type alone."""
+    return typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
+
+
+def type_source(t: Any) -> str:
+    """A type as Python source: ``int``, ``str | None``, ``Literal["a", "b"]``, ``tuple[int, ...]``.
+
+    Classes other than builtins are refused: the module the source goes into would have to import them.
+    """
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if t is None or t is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(json.dumps(a) if isinstance(a, str) else repr(a) for a in args)}]"
+    if len(_members(t)) > 1:
+        return " | ".join(type_source(a) for a in args)
+    if origin is not None and origin.__module__ == "builtins":
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else type_source(a) for a in args)}]"
+    if isinstance(t, type) and t.__module__ == "builtins":
+        return t.__name__
+    raise TypeError(f"no source written for the type {t!r}: builtins, Literal and their unions only")
+
+
+def typed_dict_source(name: str, groups: tuple[type, ...], doc: str) -> str:
+    """The source of ``class NAME(TypedDict, total=False)`` with one key per field of ``groups``, of its option
+    type or None (a field's ``metadata["type"]`` where it has one, as ``flat_options`` takes it): the options
+    that ``flat_options(fn, groups, unset_is_none=True)`` gives ``fn``, for ``def fn(**options: Unpack[NAME])``.
+
+    Each group's keys follow a comment naming it; the module holding the class imports ``Literal`` and
+    ``TypedDict`` from ``typing``.
+    """
+    lines = [f"class {name}(TypedDict, total=False):", f'    """{doc}"""']
+    for group in groups:
+        hints = typing.get_type_hints(group)
+        lines += ["", f"    # {group.__module__}.{group.__name__}"]
+        for f in dataclasses.fields(group):
+            option_type = f.metadata.get("type", hints[f.name])
+            none = "" if type(None) in _members(option_type) else " | None"
+            lines.append(f"    {f.name}: {type_source(option_type)}{none}")
+    return "\n".join(lines) + "\n"

@@ -1,17 +1,22 @@
 """``mls pretrain``: settings → data → model → trainer, each built by a function of its own.
 
 The options of ``pretrain`` are the fields of ``MLSConfig``, ``ViewConfig`` and ``TrainConfig``
-(``mls.train.config.SETTINGS``), exposed flat (``--topk``, ``--hue``, ``--batch-size``): a new
-setting is declared once, in its dataclass, and appears here, in ``--help``, in the YAML configs
-and in the checkpoint.
+(``mls.train.config.SETTINGS``), taken flat (``topk=5``, ``--hue``, ``--batch-size``): a new setting
+is declared once, in its dataclass, and appears in ``--help``, in the YAML configs and in the
+checkpoint; ``PretrainOptions`` (mls.train.options), which types ``pretrain``'s keywords for editors,
+is written from the dataclasses. ``pretrain_command`` gives ``mls pretrain`` its parser's view of
+``pretrain``: one documented keyword per option. Importing this module only defines things.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import logging
 import math
+import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +34,13 @@ from mls.options import flat_options
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS, PretrainSettings
 from mls.train.data import PretrainData
 from mls.train.module import PretrainModule
+from mls.train.options import PretrainOptions
 from mls.train.watch import HealthWatch
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # typing_extensions comes with torch (and Lightning), which require it
+    from typing_extensions import Unpack
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted"
@@ -225,7 +236,8 @@ def build_module(settings: PretrainSettings, data: PretrainData, world_size: int
 
 
 def pretrain(out: str | None = None, resume: str | None = None,
-             preset: Literal["auto", "demo", "recommended", "paper"] = "auto", **options) -> Path:
+             preset: Literal["auto", "demo", "recommended", "paper"] = "auto",
+             **options: Unpack[PretrainOptions]) -> Path:
     """Pretrain a backbone with MLS (or MoCo-v2) and write checkpoints and logs under OUT.
 
     Settings left out come from a preset: on the built-in scenes (no --data) the CPU demo's
@@ -235,6 +247,16 @@ def pretrain(out: str | None = None, resume: str | None = None,
     step fell 16-26 mAP behind MoCo-v2 at every budget measured (8-32 epochs; docs/study/health), where
     this one was level with it. --preset paper runs the paper's setting as published.
     Each option's help gives the paper's default and, where they differ, the recommended and demo values.
+
+    Args:
+        out: output folder: checkpoints/, tensorboard/ and csv/ logs (default: runs/demo, or runs/pretrain with --data).
+        resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT
+            holding checkpoints is refused).
+        preset: where unset options come from: auto (demo without --data, else recommended), demo, recommended
+            or paper (``PRESET_HELP`` in mls.train.config says what each holds).
+        **options: the settings by name (``epochs=1``, ``topk=5``), each a field of ``MLSConfig``, ``ViewConfig``
+            or ``TrainConfig`` with its doc (``PretrainOptions`` lists them; ``mls pretrain --help`` shows them
+            with each preset's value); left out or None: the preset's value. An unknown name is a ValueError.
     """
     settings = PretrainSettings.resolve(options, preset)
     quiet_lightning_tips()
@@ -320,11 +342,16 @@ def _describe(f) -> str:
         f"; {name}: {value}" for name, value in others if value != f.default) + "]"
 
 
-pretrain.__doc__ += """
-    Args:
-        out: output folder: checkpoints/, tensorboard/ and csv/ logs (default: runs/demo, or runs/pretrain with --data).
-        resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT
-            holding checkpoints is refused).
-        preset: where unset options come from: auto (demo without --data, else recommended), """ + ", ".join(
-    f"{name} ({text})" for name, text in PRESET_HELP.items()) + "."
-pretrain = flat_options(pretrain, SETTINGS, unset_is_none=True, describe=_describe)
+def pretrain_command() -> Callable[..., Path]:
+    """``pretrain`` as ``mls pretrain`` parses it: a new function each call, with one keyword-only parameter
+    per setting (``flat_options``: default None, documented by ``_describe``) and the presets described in
+    ``preset``'s help. ``pretrain`` itself is left as it is defined."""
+    def command(out: str | None = None, resume: str | None = None,
+                preset: Literal["auto", "demo", "recommended", "paper"] = "auto", **options) -> Path:
+        return pretrain(out, resume, preset, **options)
+
+    presets = ", ".join(f"{name} ({text})" for name, text in PRESET_HELP.items())
+    doc = inspect.cleandoc(pretrain.__doc__).split("\n    preset:")[0]  # its Args end with preset, **options
+    command.__doc__ = f"{doc}\n    preset: where unset options come from: auto (demo without --data, else " \
+                      f"recommended), {presets}.\n"
+    return flat_options(command, SETTINGS, unset_is_none=True, describe=_describe)

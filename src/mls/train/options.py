@@ -1,0 +1,84 @@
+"""``PretrainOptions``: the keyword options of ``mls.train.pretrain``, typed for editors and type checkers.
+
+One key per field of ``mls.train.config.SETTINGS`` (``MLSConfig``, ``ViewConfig``, ``TrainConfig``), of the
+field's type or None; a key left out or None takes the preset's value. The settings are declared in those
+dataclasses; the class below is written from them by ``pretrain_options_source()`` and never edited by hand.
+After adding, renaming or retyping a setting, replace the class with what
+
+    python -c "from mls.train.options import pretrain_options_source as s; print(s())"
+
+prints (tests/test_pretrain_options.py fails, showing that text, until the two agree).
+"""
+from typing import Literal, TypedDict
+
+_DOC = "The settings ``mls.train.pretrain`` takes as keywords (left out or None: the preset's value)."
+
+
+def pretrain_options_source() -> str:
+    """The source of ``PretrainOptions`` as the fields of ``SETTINGS`` declare it (see ``mls.options.typed_dict_source``)."""
+    from mls.options import typed_dict_source
+    from mls.train.config import SETTINGS
+
+    return typed_dict_source("PretrainOptions", SETTINGS, _DOC)
+
+
+# Written by pretrain_options_source(): do not edit.
+class PretrainOptions(TypedDict, total=False):
+    """The settings ``mls.train.pretrain`` takes as keywords (left out or None: the preset's value)."""
+
+    # mls.config.MLSConfig
+    arch: str | None
+    small_stem: bool | None
+    method: Literal["mocov2", "mls"] | None
+    mls_loss: Literal["bce", "bce_pos", "knn"] | None
+    select_from: Literal["g", "z"] | None
+    logits_from: Literal["z", "g"] | None
+    topk: int | None
+    queue_size: int | None
+    dim: int | None
+    tau: float | None
+    momentum: float | None
+    extra_weight: float | None
+    extra_tau: float | None
+    bce_balanced: bool | None
+    logit_bias: Literal["none", "fixed", "learned"] | None
+    mask_positives: bool | None
+    shuffle_bn: bool | None
+    queue_g_dtype: Literal["float32", "bfloat16", "float16"] | None
+    store_g: bool | None
+
+    # mls.data.augment.ViewConfig
+    image_size: int | None
+    min_scale: float | None
+    hue: float | None
+    grayscale_p: float | None
+    blur: bool | None
+
+    # mls.train.config.TrainConfig
+    data: str | None
+    annotations: str | None
+    num_images: int | None
+    batch_size: int | None
+    epochs: int | None
+    max_steps: int | None
+    lr: float | None
+    weight_decay: float | None
+    sgd_momentum: float | None
+    warmup_epochs: float | None
+    extra_start_epoch: float | None
+    extra_ramp_epochs: float | None
+    extra_after_full_queue: bool | None
+    workers: int | None
+    devices: int | str | None
+    num_nodes: int | None
+    strategy: str | None
+    precision: Literal["32", "bf16-mixed", "16-mixed"] | None
+    sync_bn: bool | None
+    channels_last: bool | None
+    augment_on: Literal["auto", "cpu", "device"] | None
+    compile: str | None
+    save_every: int | None
+    max_failed_share: float | None
+    on_collapse: Literal["warn", "stop"] | None
+    log_every: int | None
+    seed: int | None
