@@ -201,6 +201,29 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_with_its_queues(tmp_path
     assert after["model.queue.field_index"][written].tolist() == expected.tolist()
 
 
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_resumes_only_with_the_same_split_of_its_epochs(tmp_path, monkeypatch):
+    """Crashed after 8 steps (epoch 1 of 6 steps, in its middle): with another batch size each epoch's images
+    would be dealt out otherwise, so going on from batch 2 of epoch 1 is refused; from an epoch's end it is not."""
+    def crash(module, outputs, batch, batch_idx):
+        if module.global_step == 8:
+            raise Crash
+
+    monkeypatch.setattr(PretrainModule, "on_train_batch_end", crash, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        pretrain(out=str(out), **dict(TINY, epochs=2))
+    monkeypatch.undo()
+    stopped = read_checkpoint(out / "checkpoints" / "interrupted.ckpt")
+    assert stopped["PretrainData"] == {"world_size": 1, "batch_size": 8}
+    with pytest.raises(ValueError, match="middle of an epoch at world size 1 and batch 8; this run has world size 1 and batch 4"):
+        pretrain(out=str(out), resume="auto", **dict(TINY, epochs=2, batch_size=4))
+    ended = tmp_path / "ended"
+    pretrain(out=str(ended), max_steps=6, **dict(TINY, epochs=2))  # the end of epoch 0
+    pretrain(out=str(ended), resume="auto", **dict(TINY, epochs=2, batch_size=4))
+    assert read_checkpoint(ended / "checkpoints" / "last.ckpt")["global_step"] == 6 + 12
+
+
 def test_resume_auto_takes_the_checkpoint_that_got_furthest(tmp_path):
     from mls.train.run import resolve_resume
 

@@ -110,6 +110,27 @@ class PretrainData(L.LightningDataModule):
         else:
             views = TwoViewDataset(self.source, view)
         self.dataset = SeededViews(views, seed)
+        self.resumed_split: dict | None = None  # how the checkpoint resumed from split its epochs
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the loader besides the trainer's step count, which gives its position:
+        how each epoch was split (a resumed run must split it the same way to go on where it stopped)."""
+        trainer = self.trainer
+        return {"world_size": trainer.world_size if trainer else 1, "batch_size": self.settings["batch_size"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resumed_split = dict(state)
+
+    def check_split(self, world: int, done: int) -> None:
+        """Refuse to go on in the middle of an epoch split otherwise than the checkpoint's: each rank would
+        skip the batches of another split, and images would be seen twice or not at all."""
+        before = self.resumed_split
+        now = {"world_size": world, "batch_size": self.settings["batch_size"]}
+        if done and before is not None and before != now:
+            raise ValueError(
+                f"the checkpoint stopped in the middle of an epoch at world size {before['world_size']} and batch "
+                f"{before['batch_size']}; this run has world size {world} and batch {now['batch_size']}: resume it with the same "
+                "--devices, --num-nodes and --batch-size, or from a checkpoint written at the end of an epoch")
 
     def describe(self) -> dict:
         """What the figures need to find the images again, and a fingerprint to recognise them by."""
@@ -136,6 +157,7 @@ class PretrainData(L.LightningDataModule):
         world = trainer.world_size if trainer else 1
         batch_size = self.settings["batch_size"]
         epoch, done = resume_point(trainer, len(self.dataset) // world // batch_size)
+        self.check_split(world, done)
         sampler = EpochSampler(
             self.dataset,
             num_replicas=world,
