@@ -1,17 +1,20 @@
 """``mls study``: a grid of pretrainings over seeds, resumable, with paired differences to MoCo-v2."""
+import argparse
 import json
 import math
 import shlex
 import statistics
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from mls.cli import main
+from mls.cli import main, usage_error
 from mls.study import BUDGETS, grid_cells
-from mls.study.grids import PAPER_K_OVER_D, scaled_k
+from mls.study.grids import PAPER_K_OVER_D, SCENE_BASES, SceneBase, resolve_cell, scaled_k
 from mls.study.report import beyond_noise, markdown, summarise_cells, write_outputs
 from mls.study.run import cell_key
+from mls.train.config import PRESETS
 
 
 @pytest.mark.slow
@@ -178,21 +181,130 @@ def test_a_cell_is_keyed_by_the_settings_it_resolves_to():
 
 
 def test_a_grid_keeps_its_base_when_the_demo_changes(monkeypatch, tmp_path):
-    """On the built-in scenes a cell is the demo's settings at λ = 1 (the base the README's tables measured),
-    whatever λ the demo has; with --data the paper's preset stays as it is."""
+    """Under --base demo-0.4 a cell on the built-in scenes is the demo's settings at λ = 1 (the base the tables in
+    docs/study measured), whatever λ the demo has; with --data the paper's preset stays as it is."""
     from mls.train.config import PRESETS, PretrainSettings
 
     mocov2, balanced = {"data": None, "method": "mocov2", "epochs": 32}, {"data": None, "epochs": 32}
-    before = cell_key(mocov2, 0), cell_key(balanced, 0)
+    before = cell_key(mocov2, 0, "demo-0.4"), cell_key(balanced, 0, "demo-0.4")
     monkeypatch.setitem(PRESETS["demo"], "extra_weight", 3.0)
-    assert (cell_key(mocov2, 0), cell_key(balanced, 0)) == before  # a stored cell keeps its meaning
-    assert cell_key({**balanced, "extra_weight": 1.0}, 0) == before[1] != cell_key({**balanced, "extra_weight": 3.0}, 0)
+    assert (cell_key(mocov2, 0, "demo-0.4"), cell_key(balanced, 0, "demo-0.4")) == before  # a stored cell keeps its meaning
+    assert cell_key({**balanced, "extra_weight": 1.0}, 0, "demo-0.4") == before[1] != \
+        cell_key({**balanced, "extra_weight": 3.0}, 0, "demo-0.4")
     cells = grid_cells("lambda", BUDGETS["demo"])
     assert cells["lambda1"] == {"extra_weight": 1.0} and cells["mocov2"] == {"method": "mocov2"}
     assert PretrainSettings.resolve({}).model.extra_weight == 3.0  # what `mls pretrain` itself runs
     (tmp_path / "a.png").touch()
     paper = grid_cells("table6", BUDGETS["demo"], data=str(tmp_path))["bce"]
     assert cell_key({"data": str(tmp_path), **paper}, 0) == cell_key({"data": str(tmp_path), "extra_weight": 0.5}, 0)
+
+
+def test_by_default_a_grid_varies_the_demo_as_it_ships(monkeypatch):
+    """``mls study --budget demo`` on the built-in scenes: its base cell (no overrides) is ``mls pretrain``'s demo,
+    setting by setting, and the lambda grid's λ = 0.25 is that demo itself; it follows the demo when it changes."""
+    from mls.train.config import PRESETS, PretrainSettings
+
+    demo = PretrainSettings.resolve({}, "demo").values()
+    assert demo["extra_weight"] == 0.25 and PretrainSettings.resolve({}).values() == demo  # `mls pretrain`, no --data
+    budget = {**BUDGETS["demo"].pretrain, "data": None}
+    base = resolve_cell(budget).values()
+    assert {name: (value, demo[name]) for name, value in base.items() if value != demo[name]} == {}
+    assert base.keys() == demo.keys()
+    lam = grid_cells("lambda", BUDGETS["demo"])["lambda0.25"]
+    assert resolve_cell({**budget, **lam}).values() == demo and cell_key({**budget, **lam}, 0) == cell_key(budget, 0)
+    before = cell_key(budget, 0)
+    monkeypatch.setitem(PRESETS["demo"], "extra_weight", 3.0)
+    assert cell_key(budget, 0) != before  # the demo as it ships now
+
+
+def test_the_base_of_mls_0_4_is_the_demo_at_lambda_1(tmp_path):
+    from typing import get_args
+
+    from mls.train.config import PretrainSettings
+
+    demo = PretrainSettings.resolve({}, "demo").values()
+    budget = {**BUDGETS["demo"].pretrain, "data": None}
+    old = resolve_cell(budget, "demo-0.4").values()
+    assert {name: value for name, value in old.items() if value != demo[name]} == {"extra_weight": 1.0}
+    assert cell_key(budget, 0, "demo-0.4") == cell_key({**budget, "extra_weight": 1.0}, 0)  # the lambda grid's λ = 1
+    assert cell_key(budget, 0, "demo-0.4") != cell_key(budget, 0)
+    assert get_args(SceneBase) == tuple(SCENE_BASES)  # what --base takes
+    with pytest.raises(ValueError, match="--base"):
+        resolve_cell(budget, "demo-9")
+    (tmp_path / "a.png").touch()  # with --data the base is the paper's preset: no scene base to choose
+    with pytest.raises(ValueError, match="--base demo-0.4"):
+        grid_cells("table6", BUDGETS["demo"], data=str(tmp_path), base="demo-0.4")
+    assert cell_key({"data": str(tmp_path)}, 0, None) == cell_key({"data": str(tmp_path)}, 0, "demo-0.4")
+    with pytest.raises(argparse.ArgumentError) as bad:
+        main(["study", "--base", "demo-9"])
+    assert usage_error(bad.value) == "--base: got 'demo-9', expected one of demo, demo-0.4"
+
+
+def test_stored_cells_that_name_no_base_are_found_under_the_base_of_mls_0_4(tmp_path, monkeypatch):
+    """results.json from before bases were recorded: its scene cells had the demo of mls 0.4 (λ = 1), so the
+    stored command with --base demo-0.4 finds every one finished, and the default base (the demo) does not find
+    its MLS cell; cells a call pretrains record their base."""
+    import mls.study.run as run
+
+    tiny = {**BUDGETS["tiny"].pretrain, "data": None}
+    options = grid_cells("table6", BUDGETS["tiny"], only=["bce"])
+    cells = {f"old{variant}": {"variant": variant, "seed": 0, "options": overrides, "settings": {**tiny, **overrides},
+                               "run": "r", "scores": {"val_map": 60.0 + len(variant)}}
+             for variant, overrides in options.items()}
+    (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
+    keys = set(run.load_results(tmp_path / "results.json")["cells"])
+    assert keys == {cell_key({**tiny, **overrides}, 0, "demo-0.4") for overrides in options.values()}
+    assert cell_key({**tiny, **options["bce"]}, 0, "demo-0.4") not in {cell_key({**tiny, **o}, 0) for o in options.values()}
+
+    monkeypatch.setattr(run, "pretrain", lambda **kwargs: (_ for _ in ()).throw(AssertionError("ran again")))
+    args = ["study", "--grid", "table6", "--only=[bce]", "--seeds", "1", "--budget", "tiny", "--out", str(tmp_path)]
+    main([*args, "--base", "demo-0.4"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["cells"]) == keys and results["base"] == "demo-0.4"
+    command = (tmp_path / "results.md").read_text().splitlines()[0].strip("`")
+    assert command == results["command"] == "mls study --grid table6 --seeds 1 --budget tiny --base demo-0.4 --only '[bce]'"
+    main(shlex.split(command)[1:] + ["--out", str(tmp_path)])  # the printed command finds them too
+
+    pretrained = []
+    monkeypatch.setattr(run, "pretrain", lambda **kwargs: pretrained.append(kwargs) or tmp_path / "last.ckpt")
+    monkeypatch.setattr(run, "score", lambda *a, **k: {"val_map": 50.0, "precision": 0.5})
+    monkeypatch.setattr(run, "_final_losses", lambda run_dir: {})
+    main(args)  # the demo as it ships: MoCo-v2 and bce are other runs (λ enters the key); the paper's setting is not
+    assert sorted(kwargs.get("mls_loss", kwargs.get("method")) for kwargs in pretrained) == ["bce", "mocov2"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["base"] == "demo" and "--base" not in results["command"]
+    new = {key: cell for key, cell in results["cells"].items() if key not in keys}
+    assert len(new) == 2 and all(cell["base"] == "demo" for cell in new.values())
+    assert set(run.load_results(tmp_path / "results.json")["cells"]) == set(results["cells"])  # stored as keyed
+    # a cell stores the demo's values written out: a later demo changes neither its key nor its meaning
+    demo = {**PRESETS["demo"]}
+    assert all(cell["settings"]["dim"] == 128 and cell["settings"]["momentum"] == 0.99 for cell in new.values())
+    monkeypatch.setitem(PRESETS, "demo", {**demo, "dim": 64, "momentum": 0.9, "extra_weight": 0.5})
+    assert set(new) <= set(run.load_results(tmp_path / "results.json")["cells"])
+
+
+STORED = sorted(path.parent.name for path in (Path(__file__).parents[1] / "docs" / "study").glob("*/results.json"))
+
+
+@pytest.mark.parametrize("folder", STORED)
+def test_the_command_above_a_stored_table_finds_every_one_of_its_cells(folder):
+    """docs/study's tables were measured on the demo of mls 0.4 (λ = 1): their commands say --base demo-0.4, and
+    each (variant, seed) they ask for is stored under the key that command computes."""
+    from mls.study.grids import GRIDS, cell_options, load_budget
+    from mls.study.run import load_results
+
+    path = Path(__file__).parents[1] / "docs" / "study" / folder / "results.json"
+    stored = json.loads(path.read_text())
+    options = dict(zip(*[iter(shlex.split(stored["command"])[2:])] * 2))
+    assert options["--base"] == stored["base"] == "demo-0.4"
+    grid = options["--grid"] if options["--grid"] in GRIDS else str(path.parents[3] / options["--grid"])
+    plan = load_budget(options["--budget"])
+    cells = grid_cells(grid, plan, base="demo-0.4")
+    found = load_results(path)["cells"]
+    for variant, overrides in cells.items():
+        settings = cell_options({**plan.pretrain, "data": None, **overrides}, "demo-0.4")
+        for seed in range(int(options["--seeds"])):
+            assert cell_key(settings, seed, "demo-0.4") in found, (variant, seed)
 
 
 def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monkeypatch):
@@ -207,7 +319,8 @@ def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monke
                      "scores": {"val_map": 1.0}}  # an option a later version dropped: kept, not fatal
     (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
     monkeypatch.setattr(run, "pretrain", lambda **kwargs: (_ for _ in ()).throw(AssertionError("ran again")))
-    main(["study", "--grid", "table6", "--only=[paper]", "--seeds", "1", "--budget", "tiny", "--out", str(tmp_path)])
+    main(["study", "--grid", "table6", "--only=[paper]", "--seeds", "1", "--budget", "tiny", "--out", str(tmp_path),
+          "--base", "demo-0.4"])  # cells that name no base: the demo of mls 0.4's
     table = (tmp_path / "results.md").read_text()
     assert "| paper | 1 | 65.0 | -1.0 | – |" in table and "| mocov2 | 1 | 66.0 | – | – |" in table
     assert "gone" in json.loads((tmp_path / "results.json").read_text())["cells"]

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mls.study.grids import resolve_cell
+from mls.study.grids import UNRECORDED_BASE, resolve_cell
 from mls.study.report import reference
 from mls.train.config import PretrainSettings
 from mls.viz.curves import find_metrics, read_metrics
@@ -45,8 +45,8 @@ def replay_record(cells: list[dict], results: dict, demo: Path | None) -> dict:
         control = scores.get((reference(cell["variant"], variants), cell["seed"]))
         own = cell["scores"]["val_map"]
         degraded = control is not None and own < control - DEGRADED_BY
-        runs.append(entry(f"{cell['variant']} seed {cell['seed']}", resolve_cell(cell["settings"]), cell["series"],
-                          degraded, own, control))
+        settings = resolve_cell(cell["settings"], cell.get("base", UNRECORDED_BASE))
+        runs.append(entry(f"{cell['variant']} seed {cell['seed']}", settings, cell["series"], degraded, own, control))
     if demo is not None:  # the demo as shipped: level with MoCo-v2 in the lambda and finalists grids
         runs.append(entry("demo (mls pretrain)", PretrainSettings.resolve({}), read_metrics(*find_metrics(demo / "csv")),
                           False, None, None))
@@ -135,7 +135,8 @@ def rankme(cells: list[dict]) -> str:
     runs of one embedding size (RankMe counts dimensions, so it compares runs of the same dz)."""
     from scipy.stats import spearmanr
 
-    rows = [(c["variant"], c["seed"], resolve_cell(c["settings"]).model.dim, c["series"]["health/rank_z"][-1][1],
+    rows = [(c["variant"], c["seed"], resolve_cell(c["settings"], c.get("base", UNRECORDED_BASE)).model.dim,
+             c["series"]["health/rank_z"][-1][1],
              c["scores"]["val_map"]) for c in cells]
     lines = ["| variant | seed | dz | RankMe of Q_z at the end | val mAP |", "|---|---|---|---|---|"]
     lines += [f"| {v} | {s} | {d} | {r:.1f} | {m:.1f} |" for v, s, d, r, m in sorted(rows, key=lambda r: -r[4])]

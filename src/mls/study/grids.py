@@ -2,12 +2,14 @@
 
 Every grid holds the MoCo-v2 baseline (the reference of the paired differences) and the main paper's
 own setting (λ 0.5, k/D ≈ 0.5 %, m 0.995, dz 256, Eq. 9 from the start). The other variants change
-the budget's MLS in one respect each: on the built-in scenes, the demo's settings with λ = 1 (``SCENES``).
+the budget's MLS in one respect each: on the built-in scenes, a named base over the demo's preset
+(``SCENE_BASES``, ``mls study --base``); with ``--data``, the paper's preset.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -16,20 +18,37 @@ from mls.train.config import PretrainSettings
 PAPER_K_OVER_D = 20 / 4096  # k = 20 of D = 4,096 (§4.1)
 PAPER_D_OVER_N = 4096 / 118_287  # D = 4,096 for COCO train2017's images
 
-# The grids' MLS on the built-in scenes: the demo's preset with λ = 1, the demo of mls 0.4 that the README's
-# tables measured (the demo has used λ = 0.25 since, the best setting they found). A study keeps its own base, so
-# that a new demo changes neither what a stored cell means nor which cells a printed command runs.
-SCENES = {"extra_weight": 1.0}
+# The grids' MLS on the built-in scenes (``mls study --base``): options over the demo's preset. A study records its
+# base with every cell, so that a stored cell keeps its meaning and a printed command reruns the same cells.
+SCENE_BASES: dict[str, dict] = {
+    # the demo as it ships: what `mls pretrain` runs without --data (λ = 0.25, the recommended extra loss)
+    "demo": {},
+    # the demo of mls 0.4 to 0.5.0, at λ = 1 (otherwise the demo's settings): the base the tables in docs/study measured
+    "demo-0.4": {"extra_weight": 1.0},
+}
+SceneBase = Literal["demo", "demo-0.4"]  # the names of SCENE_BASES, for the command line
+# the base of a stored scene cell that names none: cells from before bases were recorded used the demo of mls 0.4
+UNRECORDED_BASE = "demo-0.4"
 
 
 def on_scenes(options: dict) -> bool:
     return options.get("data") in (None, "synthetic")
 
 
-def cell_options(options: dict) -> dict:
-    """A cell's ``pretrain`` options over the grids' base (``SCENES`` on the built-in scenes; with ``data``,
-    the paper's preset as it is, see ``cell_preset``)."""
-    return {**(SCENES if on_scenes(options) else {}), **options}
+def scene_base(options: dict, base: str | None) -> dict:
+    """The options of ``base`` for a cell on the built-in scenes; none with ``data`` (whose cells start from the
+    paper's preset as it is, see ``cell_preset``)."""
+    if not on_scenes(options):
+        return {}
+    if base not in SCENE_BASES:
+        raise ValueError(f"--base must be one of {', '.join(SCENE_BASES)}, got {base!r}")
+    return SCENE_BASES[base]
+
+
+def cell_options(options: dict, base: str | None = "demo") -> dict:
+    """A cell's ``pretrain`` options over the grids' base (``base`` of ``SCENE_BASES`` on the built-in scenes; with
+    ``data``, none: the paper's preset as it is, see ``cell_preset``)."""
+    return {**scene_base(options, base), **options}
 
 
 def cell_preset(options: dict) -> str:
@@ -38,9 +57,9 @@ def cell_preset(options: dict) -> str:
     return "demo" if on_scenes(options) else "paper"
 
 
-def resolve_cell(options: dict) -> PretrainSettings:
+def resolve_cell(options: dict, base: str | None = "demo") -> PretrainSettings:
     """A cell's settings: its options over the grids' base and preset."""
-    options = cell_options(options)
+    options = cell_options(options, base)
     return PretrainSettings.resolve(options, cell_preset(options))
 
 
@@ -157,13 +176,17 @@ GRIDS = {"table6": _table6, "table7": _table7, "table8": _table8, "queue": _queu
          "balance": _balance, "health": _health}
 
 
-def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[str] | None = None) -> dict[str, dict]:
+def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[str] | None = None,
+               base: str = "demo") -> dict[str, dict]:
     """Variant name -> overrides of ``pretrain`` for a named grid, or for a YAML file (name -> overrides).
 
     The MoCo-v2 baseline and the paper's setting come first in every grid; ``only`` keeps the named variants
-    (and their MoCo-v2 controls, ``mocov2_<name>``, where the grid has them).
+    (and their MoCo-v2 controls, ``mocov2_<name>``, where the grid has them). ``base``: the cells' base on the
+    built-in scenes (``SCENE_BASES``); with ``data`` the only one is the default, the paper's preset as it is.
     """
-    settings = resolve_cell({**budget.pretrain, "data": data})
+    if not on_scenes({"data": data}) and base != "demo":
+        raise ValueError(f"--base {base} is a base of the built-in scenes; with --data a grid varies the paper's preset")
+    settings = resolve_cell({**budget.pretrain, "data": data}, base)
     if name in GRIDS:
         variants = GRIDS[name](settings)
     elif Path(name).is_file():
@@ -180,5 +203,5 @@ def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[st
         kept = {"mocov2", *only, *(f"mocov2_{v}" for v in only)}  # with each one's own MoCo-v2 control
         cells = {k: v for k, v in cells.items() if k in kept}
     for overrides in cells.values():  # every cell must make a valid run: refuse it now, not hours later
-        resolve_cell({**budget.pretrain, "data": data, **overrides})
+        resolve_cell({**budget.pretrain, "data": data, **overrides}, base)
     return cells

@@ -22,18 +22,30 @@ from mls.eval.metrics import classification_metrics
 from mls.eval.protocols import Task, knn_classify, linear_probe
 from mls.files import atomic_write
 from mls.neighbors import dataset_bank, neighbor_precision, open_pretrained, search
-from mls.study.grids import Budget, cell_options, cell_preset, grid_cells, load_budget, resolve_cell
+from mls.study.grids import (
+    UNRECORDED_BASE,
+    Budget,
+    SceneBase,
+    cell_options,
+    cell_preset,
+    grid_cells,
+    load_budget,
+    on_scenes,
+    resolve_cell,
+)
 from mls.study.report import write_outputs
 from mls.train import pretrain
+from mls.train.config import PRESETS
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
 BOOKKEEPING = ("save_every", "log_every", "workers")
 
 
-def cell_key(options: dict, seed: int) -> str:
-    """A short stable name for the settings a cell resolves to (every setting, defaults included) and its seed:
-    two ways of writing the same run share a key, and a run under other defaults does not."""
-    resolved = resolve_cell({**options, "seed": seed})
+def cell_key(options: dict, seed: int, base: str | None = "demo") -> str:
+    """A short stable name for the settings a cell resolves to (every setting, defaults included, over ``base`` on
+    the built-in scenes) and its seed: two ways of writing the same run share a key, and a run under other
+    defaults does not."""
+    resolved = resolve_cell({**options, "seed": seed}, base)
     settings = {name: value for name, value in resolved.values().items() if name not in BOOKKEEPING}
     settings["augment_on"] = resolved.train.views_on  # auto is cpu here and device on a GPU machine
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -42,12 +54,14 @@ def cell_key(options: dict, seed: int) -> str:
 
 def load_results(path: Path) -> dict:
     """results.json with every cell under the key of its settings as this version computes it, so that a
-    change to what a key covers never runs a finished cell again."""
+    change to what a key covers never runs a finished cell again. A cell is keyed over the base it records
+    (a scene cell that records none is older than bases: it had the demo of mls 0.4, ``UNRECORDED_BASE``)."""
     results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
 
     def current_key(key: str, cell: dict) -> str:
         try:
-            return cell_key(cell["settings"], cell["seed"]) if "settings" in cell else key
+            base = cell.get("base", UNRECORDED_BASE)
+            return cell_key(cell["settings"], cell["seed"], base) if "settings" in cell else key
         except ValueError:  # settings this version no longer has: the cell stays, under its stored key
             return key
 
@@ -101,10 +115,12 @@ def _final_losses(run: Path) -> dict:
     return {name.removeprefix("train/"): series[name][-1][1] for name in names if series.get(name)}
 
 
-def study_command(grid: str, seeds: int, budget: str, data: str | None, only: list[str] | None, test: bool) -> str:
+def study_command(grid: str, seeds: int, budget: str, data: str | None, only: list[str] | None, test: bool,
+                  base: str = "demo") -> str:
     """The ``mls study`` command line of these options, as printed above the table (one the CLI takes)."""
     return f"mls study --grid {grid} --seeds {seeds} --budget {budget}" + (f" --data {data}" if data else "") + \
-        (f" --only '[{','.join(only)}]'" if only else "") + (" --test true" if test else "")
+        (f" --base {base}" if base != "demo" else "") + (f" --only '[{','.join(only)}]'" if only else "") + \
+        (" --test true" if test else "")
 
 
 def elapsed_and_left(started: float, done: int, total: int) -> str:
@@ -119,7 +135,8 @@ class GridRun:
     """One ``mls study`` call on its cells: which are finished, scoring again, pretraining, and saving results.
 
     ``cells`` maps a variant to its option overrides, ``settings`` to the options its cells pretrain with,
-    ``index`` to its cell key by seed; ``results`` is results.json's content under ``root``.
+    ``index`` to its cell key by seed; ``results`` is results.json's content under ``root``; ``base`` is the
+    cells' base on the built-in scenes (``None`` with data).
     """
 
     root: Path
@@ -131,6 +148,7 @@ class GridRun:
     test: bool
     rescore: bool
     workers: int
+    base: str | None
 
     def save(self) -> str:
         """Write results.json, then results.md and results.png; return the table."""
@@ -163,8 +181,10 @@ class GridRun:
         # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
         checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
                               **{"save_every": 0, **options})
+        # stored with its preset's values written out: a later change of the preset leaves the cell's meaning
+        frozen = {**PRESETS[cell_preset(options)], **options}
         self.results["cells"][key] = {"variant": variant, "seed": seed, "options": self.cells[variant],
-                                      "settings": options, "run": str(run_dir),
+                                      "settings": frozen, "base": self.base, "run": str(run_dir),
                                       "scores": score(checkpoint, self.plan, seed, self.test, self.workers),
                                       "final": _final_losses(run_dir)}
         self.save()
@@ -190,8 +210,8 @@ class GridRun:
 
 
 def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str | None = None,
-          out: str = "runs/study", only: list[str] | None = None, test: bool = False, rescore: bool = False,
-          workers: int = 2) -> dict:
+          base: SceneBase = "demo", out: str = "runs/study", only: list[str] | None = None, test: bool = False,
+          rescore: bool = False, workers: int = 2) -> dict:
     """Run a grid of pretrainings over several seeds, score each, and report mean ± std and paired differences.
 
     Args:
@@ -203,6 +223,9 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         budget: tiny (a few steps, for tests), demo (the CPU demo's 8 epochs), long (4x the demo), or a YAML file
             with ``pretrain`` options and the probe's settings (probe_images, probe_epochs, queries, k).
         data: image folder to pretrain on (default: the built-in scenes).
+        base: the MLS the variants change on the built-in scenes: demo (the demo as it ships, what
+            ``mls pretrain`` runs without --data) or demo-0.4 (the demo of mls 0.4 to 0.5.0, at λ = 1, which the
+            tables in docs/study measured). With --data the base is the paper's preset.
         out: folder of the cells' runs and of results.json, results.md and results.png.
         only: run only these variants (and MoCo-v2).
         test: also score the test split (do this once, for the finalists: settings are chosen on validation).
@@ -213,15 +236,17 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     plan = load_budget(budget)
-    cells = grid_cells(grid, plan, data, only)
+    cells = grid_cells(grid, plan, data, only, base)
+    scene = base if on_scenes({"data": data}) else None  # with data: no scene base
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     results = load_results(root / "results.json")
-    results.update(command=study_command(grid, seeds, budget, data, only, test), grid=grid, budget=budget,
-                   budget_settings=dataclasses.asdict(plan))
-    settings = {variant: cell_options({**plan.pretrain, "data": data, **options}) for variant, options in cells.items()}
-    index = {variant: {seed: cell_key(settings[variant], seed) for seed in range(seeds)} for variant in cells}
-    grid_run = GridRun(root, results, plan, cells, settings, index, test, rescore, workers)
+    results.update(command=study_command(grid, seeds, budget, data, only, test, base), grid=grid, budget=budget,
+                   base=scene, budget_settings=dataclasses.asdict(plan))
+    settings = {variant: cell_options({**plan.pretrain, "data": data, **options}, scene)
+                for variant, options in cells.items()}
+    index = {variant: {seed: cell_key(settings[variant], seed, scene) for seed in range(seeds)} for variant in cells}
+    grid_run = GridRun(root, results, plan, cells, settings, index, test, rescore, workers, scene)
     grid_run.run(seeds)
     table = grid_run.save()  # also when nothing ran: results.json then names this call's grid and command
     print(table)
