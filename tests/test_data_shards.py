@@ -164,12 +164,16 @@ def test_shards_and_their_folder_give_the_same_views_losses_and_weights(tmp_path
         assert torch.equal(a[key], b[key]), key
     runs = {}
     for name, data in (("folder", folder), ("shards", tmp_path / "shards")):
-        runs[name] = pretrain(data=str(data), out=str(tmp_path / name), max_steps=3, **RUN)
-    assert loss_rows(tmp_path / "folder") == loss_rows(tmp_path / "shards") and len(loss_rows(tmp_path / "folder")) == 3
+        runs[name] = pretrain(data=str(data), out=str(tmp_path / name), **RUN)  # one epoch: 4 steps
+    assert loss_rows(tmp_path / "folder") == loss_rows(tmp_path / "shards") and len(loss_rows(tmp_path / "folder")) == 4
     x, y = (read_checkpoint(runs[name]) for name in ("folder", "shards"))
     for key, value in x["state_dict"].items():
         assert torch.equal(value, y["state_dict"][key]), key
     assert x["hyper_parameters"]["data"]["fingerprint"] == y["hyper_parameters"]["data"]["fingerprint"]
+    # a run on the folder goes on on its shards: the same images, by their fingerprint
+    resumed = pretrain(data=str(tmp_path / "shards"), out=str(tmp_path / "folder"), resume="auto",
+                       **{**RUN, "epochs": 2})
+    assert read_checkpoint(resumed)["global_step"] == 8
     # the figures find the images again in the shards, by the queue's image indices
     main(["visualize", "neighbors", "--checkpoint", str(runs["shards"]), "--out", str(tmp_path / "nb.png"),
           "--queries", "2", "--k", "3"])

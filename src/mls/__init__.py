@@ -14,5 +14,5 @@ from mls.model import MLS
 from mls.queue import FeatureQueue
 from mls.selection import select_topk
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 __all__ = ["MLS", "MLSConfig", "FeatureQueue", "select_topk", "infonce", "bce", "bce_pos", "knn_softmax"]

@@ -15,7 +15,8 @@ rest of the code sees the layout of this version only. What each version wrote, 
   ``train``, ``view``, ``steps_per_epoch``, ``total_batch`` and ``data`` the rest. Nothing to translate.
   ``data`` has a ``fingerprint`` only from late 0.3.0 builds on.
 - **0.4** and **0.5**: as 0.3, always with the data's ``fingerprint``. Nothing to translate.
-- **0.6**: this layout.
+- **0.6** and **0.7**: this layout (0.7 adds the data module's split of its epochs, ``PretrainData``, which
+  a resumed run compares when it goes on in the middle of an epoch).
 
 A ``data`` without ``fingerprint`` is left so: the commands that compare data (``mls visualize``,
 ``--resume``) do not check it. State-dict keys (``model.`` + the ``MLS`` module's) have not changed
