@@ -114,8 +114,13 @@ def test_shard_refuses_bad_folders_before_writing(tmp_path):
     (tmp_path / "bad" / "x.jpg").write_text("no")
     with pytest.raises(ValueError, match="none of the 1 image files"):
         shard(str(tmp_path / "bad"), out=str(tmp_path / "b"), workers=1)
+    assert not (tmp_path / "b").exists()
     with pytest.raises(FileNotFoundError, match="not a shard set"):
         ShardSource(tmp_path / "full")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / MANIFEST).write_text(json.dumps({"format": "mls shards 1", "num_images": 1}))
+    with pytest.raises(FileNotFoundError, match="not litdata's index.json"):
+        ShardSource(tmp_path / "half")
 
 
 def test_a_shard_set_behind_a_url_is_read_through_the_cache(tmp_path):

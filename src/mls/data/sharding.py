@@ -75,7 +75,8 @@ def _output_folder(out: str) -> Path:
                          "(e.g. `aws s3 sync OUT s3://bucket/path`), then pass the URL to --data")
     folder = ensure_writable_folder(out)
     if any(folder.iterdir()):
-        raise FileExistsError(f"--out {out} is not empty; shard into a new folder")
+        raise FileExistsError(f"--out {out} is not empty; shard into a new folder (an interrupted `mls shard` leaves "
+                              f"one without {MANIFEST}: delete it and shard again)")
     return folder
 
 
@@ -112,6 +113,7 @@ def shard(data: str, out: str | None = None, size: str = "64MB", workers: int | 
     target = _output_folder(out)
     readable, unreadable = check_images(folder, workers)
     if not readable:
+        target.rmdir()  # still empty: nothing is left behind
         raise ValueError(f"none of the {len(folder)} image files in {data} can be read, e.g. "
                          f"{unreadable[0]['name']}: {unreadable[0]['reason']}")
     litdata.optimize(fn=shard_item, inputs=[(name, str(folder.root / name)) for name in readable],

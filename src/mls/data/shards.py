@@ -27,6 +27,7 @@ from mls.data.images import decode_pixels, decode_rgb, labels_to_multi_hot, read
 
 MANIFEST = "mls_shards.json"
 NAMES = "names.txt"
+INDEX = "index.json"  # litdata's list of chunks
 FORMAT = "mls shards 1"
 REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "hf://", "r2://", "local:")
 
@@ -94,6 +95,9 @@ class ShardSource:
         self.location = str(location)
         self.cache_dir = cache_dir
         self.manifest = read_manifest(self.location, cache_dir)
+        if not is_remote(self.location) and not (Path(self.location) / INDEX).is_file():
+            raise FileNotFoundError(f"{self.location} holds the manifest of a shard set but not litdata's {INDEX}: "
+                                    "copy or shard the whole folder again")
         self.classes: tuple[str, ...] | None = None
         self._labels: list[list[int]] | None = None
         self._dataset, self._opened_in = None, None
