@@ -135,10 +135,10 @@ class ShardSource:
             self._dataset, self._opened_in = StreamingDataset(self.location, cache_dir=self.cache_dir), os.getpid()
         return self._dataset[i]
 
-    def _encoded(self, i: int) -> tuple[bytes, str]:
-        """Image ``i``'s file bytes and a name for messages (the set, then the file)."""
+    def _encoded(self, i: int) -> tuple[bytearray, str]:
+        """Image ``i``'s file bytes (one copy of what litdata read) and a name for messages (the set, then the file)."""
         item = self.record(i)
-        return bytes(item["image"]), f"{self.location}:{item['name']}"
+        return bytearray(item["image"]), f"{self.location}:{item['name']}"
 
     def image(self, i: int) -> Image.Image:
         """Image ``i`` as 8-bit RGB; ``UnreadableImage`` if it cannot be decoded."""
@@ -148,7 +148,7 @@ class ShardSource:
     def pixels(self, i: int) -> torch.Tensor:
         """Image ``i`` as a uint8 (3, H, W) tensor (``decode_pixels``); ``UnreadableImage`` if it cannot be decoded."""
         data, name = self._encoded(i)
-        return decode_pixels(torch.frombuffer(bytearray(data), dtype=torch.uint8), name)
+        return decode_pixels(torch.frombuffer(data, dtype=torch.uint8), name)
 
     def labels(self, i: int) -> list[int] | None:
         """0-based class indices of image ``i``, or ``None`` without annotations."""

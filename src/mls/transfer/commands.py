@@ -64,6 +64,20 @@ def _repeat(run_once: Callable[[Path], dict | None], runs: int, seed: int, out: 
     return result
 
 
+def _backbone(run: RunOptions, info: dict):
+    """The pretrained backbone of ``--weights``, as ``info`` (its arch and small_stem) describes it."""
+    return load_backbone(run.weights, arch=info["arch"], small_stem=info["small_stem"])[0]
+
+
+def _train_then_evaluate(run: RunOptions, run_dir: Path, module: TransferModule, max_iters: int, train: DataLoader,
+                         evaluate: Callable) -> dict | None:
+    """Fine-tune ``module`` for ``max_iters`` on ``train`` (every process); the first process returns
+    ``evaluate(device)``, every other one None."""
+    trainer = run.trainer(run_dir, max_iters)
+    trainer.fit(module, train)
+    return evaluate(trainer.strategy.root_device) if trainer.is_global_zero else None
+
+
 def _loader(run: RunOptions, **fixed) -> Callable[..., DataLoader]:
     """``DataLoader`` with ``run``'s loading processes (kept alive between epochs when there are any)."""
     workers = run.loader_workers
@@ -100,18 +114,16 @@ class DetectionFineTuning:
         run, model, protocol, splits = self.run, self.model, self.protocol, self.splits
         categories = splits.category_ids
         loader = _loader(run, collate_fn=collate_lists)
-        backbone, _, _ = load_backbone(run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])
-        detector = build_detector(backbone, len(categories) + 1, splits.has_masks, protocol.train_sizes,
-                                  protocol.max_size, model.fpn_channels, model.rois_per_image, model.head)
+        detector = build_detector(_backbone(run, self.info), len(categories) + 1, splits.has_masks,
+                                  protocol.train_sizes, protocol.max_size, model.fpn_channels, model.rois_per_image,
+                                  model.head)
         schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
         module = TransferModule(detector, detection_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay,
                                 norm_weight_decay=0.0)
-        trainer = run.trainer(run_dir, protocol.max_iters)
-        trainer.fit(module, loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True))
-        if not trainer.is_global_zero:
-            return None
-        return evaluate_detection(detector, loader(self.test_set, batch_size=self.per_device), splits.test,
-                                  categories, protocol.image_size, splits.has_masks, trainer.strategy.root_device)
+        train = loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True)
+        return _train_then_evaluate(run, run_dir, module, protocol.max_iters, train, lambda device: evaluate_detection(
+            detector, loader(self.test_set, batch_size=self.per_device), splits.test, categories,
+            protocol.image_size, splits.has_masks, device))
 
     def result(self, format: str) -> dict:
         """What the report gives besides the scores: data set, model, weights, backbone and settings."""
@@ -150,17 +162,13 @@ class SegmentationFineTuning:
         """Train on the training split; the first process returns mIoU, mAcc and aAcc, every other one None."""
         run, protocol = self.run, self.protocol
         loader = _loader(run)
-        backbone, _, _ = load_backbone(run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])
-        segmenter = build_segmenter(backbone, self.info["arch"], self.num_classes, self.model.head)
+        segmenter = build_segmenter(_backbone(run, self.info), self.info["arch"], self.num_classes, self.model.head)
         schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
         module = TransferModule(segmenter, segmentation_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay)
-        trainer = run.trainer(run_dir, protocol.max_iters)
-        trainer.fit(module, loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True))
-        if not trainer.is_global_zero:
-            return None
-        return evaluate_segmentation(segmenter, loader(self.test_set, batch_size=1), self.num_classes, protocol.scale,
-                                     protocol.inference, protocol.crop_size, protocol.stride,
-                                     trainer.strategy.root_device)
+        train = loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True)
+        return _train_then_evaluate(run, run_dir, module, protocol.max_iters, train, lambda device: evaluate_segmentation(
+            segmenter, loader(self.test_set, batch_size=1), self.num_classes, protocol.scale, protocol.inference,
+            protocol.crop_size, protocol.stride, device))
 
     def result(self, dataset: str) -> dict:
         """What the report gives besides the scores: data set, model, weights, backbone, classes and settings."""
