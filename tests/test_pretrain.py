@@ -218,6 +218,9 @@ def test_a_run_stopped_mid_epoch_resumes_only_with_the_same_split_of_its_epochs(
     assert stopped["PretrainData"] == {"world_size": 1, "batch_size": 8}
     with pytest.raises(ValueError, match="middle of an epoch at world size 1 and batch 8; this run has world size 1 and batch 4"):
         pretrain(out=str(out), resume="auto", **dict(TINY, epochs=2, batch_size=4))
+    # the refused run left the checkpoint as it was: the right batch size still goes on from it
+    assert read_checkpoint(out / "checkpoints" / "interrupted.ckpt")["PretrainData"] == stopped["PretrainData"]
+    assert read_checkpoint(pretrain(out=str(out), resume="auto", **dict(TINY, epochs=2)))["global_step"] == 12
     ended = tmp_path / "ended"
     pretrain(out=str(ended), max_steps=6, **dict(TINY, epochs=2))  # the end of epoch 0
     pretrain(out=str(ended), resume="auto", **dict(TINY, epochs=2, batch_size=4))

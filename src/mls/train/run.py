@@ -112,11 +112,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class InterruptedCheckpoint(OnExceptionCheckpoint):
-    """``interrupted.ckpt`` on a crash or a signal, except when writing a checkpoint is what failed:
-    another write would fail the same way and hide the first error."""
+    """``interrupted.ckpt`` on a crash or a signal once the run has trained past where it started. Not
+    before (a run refused or failing while it sets up has nothing new to keep, and a write would replace
+    the checkpoint it resumed from with its own, possibly refused, settings), nor when writing a checkpoint
+    is what failed (another write would fail the same way and hide the first error)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_step = trainer.global_step
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, CheckpointNotWritten):
+        started = getattr(self, "first_step", None)
+        trained = started is not None and trainer.global_step > started
+        if trained and not isinstance(exception, CheckpointNotWritten):
             super().on_exception(trainer, pl_module, exception)
 
 
@@ -130,7 +137,7 @@ def _progress(path: Path) -> tuple[int, float]:
 def resolve_resume(resume: str | None, out: Path) -> str | None:
     """``auto``: whichever of ``last.ckpt``, ``interrupted.ckpt`` and ``epochNNN.ckpt`` in ``out`` got
     furthest (none: start afresh); else the path given. A run that failed before it restored its
-    checkpoint writes an ``interrupted.ckpt`` of step 0, which must not win over an older ``last.ckpt``.
+    checkpoint wrote an ``interrupted.ckpt`` of step 0 before mls 0.7, which must not win over an older ``last.ckpt``.
     A file that cannot be read (damaged by a full disk or a copy) is skipped, with one line saying so."""
     if resume is None:
         return None
