@@ -72,6 +72,9 @@ class Budget:
     probe_epochs: int = 100  # epochs of the linear layer
     queries: int = 200  # query crops of the neighbour precision
     k: int = 20  # neighbours per query of the neighbour precision
+    # a labelled set in VOC2007's layout (e.g. a part of benchmarks/real_photos.py's set) that the probes read
+    # instead of generated scenes: validation carved from its trainval list, test its test list
+    probe_data: str | None = None
 
 
 BUDGETS = {
@@ -172,8 +175,21 @@ def _health(s: PretrainSettings) -> dict[str, dict]:
     }
 
 
+def _watch(s: PretrainSettings) -> dict[str, dict]:
+    """The health watch's out-of-sample check (docs/study/watch): runs expected healthy (MoCo-v2, the recommended
+    extra loss, the paper's setting after a 2-epoch warm-up) and runs expected harmful (the paper's setting from
+    the first step at λ 0.5, and at λ 1), under each budget's data, batch, image size and queue."""
+    paper = _always(s.model.queue_size)["paper"]
+    return {
+        "recommended": {"method": "mls", "mls_loss": "bce", "bce_balanced": True, "extra_weight": 0.25,
+                        "extra_start_epoch": 2},
+        "paper_warmup": {**paper, "extra_start_epoch": 2},
+        "paper_lambda1": {**paper, "extra_weight": 1.0},
+    }
+
+
 GRIDS = {"table6": _table6, "table7": _table7, "table8": _table8, "queue": _queue, "lambda": _lambda,
-         "balance": _balance, "health": _health}
+         "balance": _balance, "health": _health, "watch": _watch}
 
 
 def grid_cells(name: str, budget: Budget, data: str | None = None, only: list[str] | None = None,

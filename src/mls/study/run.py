@@ -97,7 +97,8 @@ def score(checkpoint: Path, budget: Budget, seed: int, test: bool, workers: int)
     """Every score of one pretrained cell: validation (and with ``test``, test) probes, neighbour precision."""
     info = backbone_info(str(checkpoint))
     size = info["image_size"] or 224
-    data = load_dataset("synthetic", image_size=size, num_images=budget.probe_images)
+    data = load_dataset("synthetic", image_size=size, num_images=budget.probe_images) if budget.probe_data is None \
+        else load_dataset("voc07", budget.probe_data)
     scores = {f"val_{k}": v for k, v in probe_scores(checkpoint, validation_split(data), size, budget, seed,
                                                      workers).items()}
     if test:

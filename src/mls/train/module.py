@@ -103,7 +103,7 @@ class PretrainModule(L.LightningModule):
         logs["train/extra_weight"] = weight
         if "health" in out:
             logs.update({f"health/{name}": value for name, value in out["health"].items()})
-            self.pending_health = out["health"]
+            self.pending_health = {**out["health"], "extra_weight": torch.as_tensor(weight)}  # λ now, for the watch
         if self.labels is not None:
             logs["train/label_precision"] = step_label_precision(self.labels, batch["index"], out["neighbor_index"])
         now = time.perf_counter()

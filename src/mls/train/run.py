@@ -84,14 +84,14 @@ def quiet_lightning_tips() -> None:
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's progress bar without ``v_num``, the logger's version folder, which says nothing about
-    training, and with what ``HealthWatch`` found (``health=...``) once it found something."""
+    training, and with what ``HealthWatch`` reports (``health=...``) once it has reported something."""
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         watch = health_watch(trainer)
-        if watch is not None and watch.finding is not None:
-            metrics["health"] = watch.finding.short
+        if watch is not None and watch.status is not None:
+            metrics["health"] = watch.status
         return metrics
 
 
