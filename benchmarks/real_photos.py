@@ -85,11 +85,15 @@ def package_version(name: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def find_sources(cache: Path) -> tuple[Path, Path, dict]:
-    """The stamps and backgrounds folders: installed ones, or extracted from ``apt-get download`` into ``cache``."""
+def find_sources(cache: Path, given: dict[str, str | None]) -> tuple[Path, Path, dict]:
+    """The stamps and backgrounds folders: ``given`` ones, installed ones, or extracted from ``apt-get download``
+    into ``cache``."""
     roots, versions = {}, {}
     for package, folder in (("tuxpaint-stamps-default", STAMPS), ("mate-backgrounds", BACKGROUNDS)):
         installed = Path("/") / folder
+        if given.get(package):
+            roots[package], versions[package] = Path(given[package]), "given"
+            continue
         if installed.is_dir():
             roots[package], versions[package] = installed, package_version(package)
             continue
@@ -242,7 +246,7 @@ def write_labelled_part(out: Path, names: list[str], annotations: list[list], si
             coco_json([names[i] for i in rows], size, [annotations[i] for i in rows])))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--size", type=int, default=96, help="side of each image in pixels")
@@ -251,11 +255,14 @@ def main() -> None:
     parser.add_argument("--test-share", type=float, default=0.2, help="share of each labelled part in its test list")
     parser.add_argument("--seed", type=int, default=0, help="seed of the compositions (not of the split)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache/mls/debs"), help="where fetched packages go")
-    args = parser.parse_args()
+    parser.add_argument("--stamps", help=f"a folder laid out as /{STAMPS} (default: the installed or fetched package)")
+    parser.add_argument("--backgrounds", help=f"a folder of .jpg photographs (default: /{BACKGROUNDS})")
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"real_photos: error: --out {out} is not empty")
-    stamp_root, background_root, versions = find_sources(Path(args.cache))
+    stamp_root, background_root, versions = find_sources(
+        Path(args.cache), {"tuxpaint-stamps-default": args.stamps, "mate-backgrounds": args.backgrounds})
     stamps, backgrounds = load_stamps(stamp_root), load_backgrounds(background_root)
     by_part = {part: [s for s in stamps if s.part == part] for part in ("tuning", "heldout")}
     for part, chosen in by_part.items():

@@ -82,7 +82,7 @@ BUDGETS = {
     "tiny": Budget(dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, arch="resnet18",
                         small_stem=True, epochs=1, max_steps=2, workers=0, log_every=1),
                    probe_images=40, probe_epochs=2, queries=4, k=4),
-    "demo": Budget(),  # the CPU demo: 8 epochs over 2,000 scenes, 5 to 8 minutes a cell on 2 cores
+    "demo": Budget(),  # the CPU demo: 8 epochs over 2,000 scenes (a cell's time: docs/study/README.md)
     "long": Budget(dict(epochs=32)),  # 4x the demo
 }
 
