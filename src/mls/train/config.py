@@ -99,11 +99,9 @@ class TrainConfig:
 SETTINGS = (MLSConfig, ViewConfig, TrainConfig)
 """Every option of ``mls pretrain`` is a field of one of these."""
 
-# The extra loss as `mls study` supports it for budgets shorter than the paper's (docs/study/health): its
-# positive and negative terms averaged separately, at λ = 0.25, added from epoch 2 on. Measured level with
-# MoCo-v2 at 8 and 32 epochs on the built-in scenes (three pretraining seeds each), where Eq. 9 as written
-# from the first step (the paper's setting) fell 16 to 26 mAP behind MoCo-v2.
-# The paper's 400-800 epochs on COCO are not measured here: `--preset paper` runs them as published.
+# The paper's settings with its extra loss changed for budgets shorter than the paper's: positive and negative
+# terms averaged separately, at λ = 0.25, added from epoch 2 on. How it measured against MoCo-v2, and at which
+# settings: the README's "Which to use" and docs/study. `--preset paper` runs the paper's setting as published.
 RECOMMENDED = dict(extra_weight=0.25, bce_balanced=True, extra_start_epoch=2)
 
 # The CPU demo: the recommended extra loss with a CPU's departures from the paper's settings
@@ -119,8 +117,8 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_HELP = {
     "demo": "the CPU demo on the built-in scenes (configs/demo_cpu.yaml), with the recommended extra loss",
-    "recommended": "the paper's settings with the extra loss balanced, at λ 0.25, from epoch 2: level with "
-                   "MoCo-v2 at 8-32 epochs, where the paper's Eq. 9 from the first step fell 16-26 mAP behind",
+    "recommended": "the paper's settings with the extra loss balanced (positive and negative terms averaged "
+                   "apart), at λ 0.25, from epoch 2",
     "paper": "the main paper's COCO settings as published: Eq. 9 at λ 0.5 from the first step",
 }
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The runs registered in docs/study/PREDICTIONS.md, in order. Every `mls study` call is resumable: run this script
+# again (from the same folder) and finished cells are skipped, an interrupted one goes on from its checkpoint.
+# Run it from a folder holding datasets/photos (python benchmarks/real_photos.py --out datasets/photos) and, for the
+# fair pair at 8 epochs, fair_pair/results.json seeded with docs/study/health/results.json (its MoCo-v2 cells).
+set -u
+C=${MLS_CONFIGS:-$(dirname "$0")/../../configs}
+mkdir -p logs
+[ -f fair_pair/results.json ] || { mkdir -p fair_pair && cp "$(dirname "$0")/health/results.json" fair_pair/results.json; }
+run() { name=$1; shift; echo "=== $name $(date -u +%FT%TZ)" >> queue.log; mls study "$@" > "logs/$name.log" 2>&1; echo "=== $name rc=$? $(date -u +%FT%TZ)" >> queue.log; }
+# entry 1: the watch out of sample
+run watch_scenes_32px --grid watch --seeds 1 --budget "$C/watch/scenes_32px.yaml" --out watch/scenes_32px
+run watch_photos --grid watch --seeds 1 --budget "$C/watch/photos.yaml" --data datasets/photos/pretrain --out watch/photos
+# entry 2: the fair pair at 8 epochs (validation)
+run fair_pair --grid "$C/fair_pair.yaml" --seeds 3 --budget demo --base demo-0.4 --only '[recommended_paper_m_dz]' --out fair_pair
+run watch_scenes_batch32 --grid watch --seeds 1 --budget "$C/watch/scenes_batch32.yaml" --out watch/scenes_batch32
+run watch_scenes_queue64 --grid watch --seeds 1 --budget "$C/watch/scenes_queue64.yaml" --out watch/scenes_queue64
+# entry 3: bunched keys, common push
+run spread_start --grid "$C/spread_start.yaml" --seeds 3 --budget demo --base demo-0.4 --only '[spread_start]' --out spread_start
+# entry 2: on the real photos' held-out part, then at 32 epochs
+run fair_pair_photos --grid "$C/fair_pair.yaml" --seeds 3 --budget "$C/fair_pair_photos.yaml" --data datasets/photos/pretrain --only '[recommended_paper_m_dz]' --out fair_pair_photos
+run fair_pair_long --grid "$C/fair_pair.yaml" --seeds 3 --budget long --base demo-0.4 --only '[recommended_paper_m_dz]' --out fair_pair_long
