@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mls import MLS
-from mls.checkpoint import save_pretrained
+from mls.checkpoints.pretrained import save_pretrained
 
 # `mls pretrain` settings of a few-step run: 48 built-in scenes of 32 px in batches of 8 (6 steps an epoch)
 TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, fill_queue, tiny, tiny_checkpoint
-from mls.checkpoint import UnreadableCheckpoint, read_checkpoint
+from mls.checkpoints.pretrained import UnreadableCheckpoint, read_checkpoint
 from mls.train import pretrain
 from mls.train.run import resolve_resume
 
@@ -146,7 +146,7 @@ def write_images(folder: Path, n: int) -> Path:
 
 @pytest.mark.slow
 def test_neighbors_refuses_other_data_than_the_checkpoints_unless_forced(tmp_path):
-    from mls.checkpoint import save_pretrained
+    from mls.checkpoints.pretrained import save_pretrained
     from mls.data.images import ImageFolderSource
     from mls.viz.neighbors import neighbors
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from mls.config import MLSConfig
+from mls.method.settings import MLSConfig
 from mls.train.config import PretrainSettings
 from mls.train.run import pretrain_command
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.data.augment import MoCoV2View, TwoViewDataset, blur_kernel_size, blur_sigma_range
 from mls.data.device_views import WorkerView, apply_appearance, collate_views, draw_appearance
 from mls.data.images import ImageFolderSource
 from mls.data.synthetic import SyntheticScenes
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.train.config import PretrainSettings, TrainConfig
 from mls.train.data import PretrainData, SeededViews
 from mls.train.module import PretrainModule

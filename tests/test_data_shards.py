@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from litdata import StreamingDataset
 from PIL import Image
 
-from mls.checkpoint import read_checkpoint
+from mls.checkpoints.pretrained import read_checkpoint
 from mls.cli import main
 from mls.data.images import load_pixels
 from mls.data.sharding import chunk_bytes, shard

@@ -9,9 +9,9 @@ import torchvision
 from torch import nn
 
 from mls import MLS
-from mls.checkpoint import save_pretrained
+from mls.checkpoints.export import detectron2_checkpoint, export
+from mls.checkpoints.pretrained import save_pretrained
 from mls.cli import main
-from mls.export import detectron2_checkpoint, export
 from mls.files import atomic_write
 
 DATA = dict(data=None, annotations=None, num_images=40, image_size=32, seed=0)

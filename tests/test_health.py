@@ -1,4 +1,4 @@
-"""The health measures (mls.health) against independent computations: numpy, written-out loops, autograd."""
+"""The health measures (mls.method.health) against independent computations: numpy, written-out loops, autograd."""
 import math
 
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mls import MLS, health
-from mls.losses import bce, bce_pos, infonce_from_logits, knn_softmax
+from mls import MLS
+from mls.method import health
+from mls.method.losses import bce, bce_pos, infonce_from_logits, knn_softmax
 
 
 def unit_rows(n, d, seed=0):

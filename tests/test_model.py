@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fill_queue, tiny, views
-from mls.losses import bce, infonce, knn_softmax
-from mls.selection import select_topk
+from mls.method.losses import bce, infonce, knn_softmax
+from mls.method.selection import select_topk
 from mls.train.module import PretrainModule, extra_weight_factor
 
 

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 from conftest import TINY
-from mls.checkpoint import load_pretrained, read_checkpoint
+from mls.checkpoints.pretrained import load_pretrained, read_checkpoint
 from mls.cli import main
 from mls.train import pretrain
 from mls.train.module import PretrainModule

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mls import MLS
-from mls.checkpoint import save_pretrained
+from mls.checkpoints.pretrained import save_pretrained
 from mls.cli import main
 from mls.data.sources import open_source
-from mls.neighbors import Bank, nearest, queue_bank
+from mls.neighbor_search import Bank, nearest, queue_bank
 from mls.viz.neighbors import Layout, neighbors
 
 NUM_IMAGES, SIZE, TILE = 40, 32, 64  # 32 px images in 64 px tiles: every box edge lands on a whole pixel

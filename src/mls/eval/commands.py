@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from mls.checkpoint import backbone_info
+from mls.checkpoints.pretrained import backbone_info
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
 from mls.eval.metrics import average_precision, classification_metrics

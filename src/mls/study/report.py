@@ -135,7 +135,7 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     plt.close(fig)
 
 
-# The health measures (mls.health) a study draws over steps, one figure each, for every variant whose runs logged them.
+# The health measures (mls.method.health) a study draws over steps, one figure each, for every variant whose runs logged them.
 HEALTH_FIGURES = {
     "alignment": ("health/alignment", "health/logit_neg"),
     "spread": ("health/mean_norm", "health/uniformity"),

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from mls.checkpoint import backbone_info
+from mls.checkpoints.pretrained import backbone_info
 from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
 from mls.eval.protocols import Task, knn_classify, linear_probe
 from mls.files import atomic_write
-from mls.neighbors import dataset_bank, neighbor_precision, open_pretrained, search
+from mls.neighbor_search import dataset_bank, neighbor_precision, open_pretrained, search
 from mls.study.grids import (
     UNRECORDED_BASE,
     Budget,

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from mls.config import MLSConfig, check, check_probability, from_dict, setting
 from mls.data.augment import ViewConfig
+from mls.method.settings import MLSConfig, check, check_probability, from_dict, setting
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 import mls
-from mls.config import MLSConfig, from_dict
-from mls.model import MLS
-from mls.neighbors import step_label_precision
+from mls.method.model import MLS
+from mls.method.settings import MLSConfig, from_dict
+from mls.neighbor_search import step_label_precision
 from mls.train.config import TrainConfig
 
 
@@ -116,7 +116,7 @@ class PretrainModule(L.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this step's logs (every ``log_every`` steps): the health measures
-        (``mls.health``) are computed only then."""
+        (``mls.method.health``) are computed only then."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return connector is None or connector.should_update_logs  # outside a trainer: always
 

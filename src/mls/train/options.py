@@ -15,8 +15,8 @@ _DOC = "The settings ``mls.train.pretrain`` takes as keywords (left out or None:
 
 
 def pretrain_options_source() -> str:
-    """The source of ``PretrainOptions`` as the fields of ``SETTINGS`` declare it (see ``mls.options.typed_dict_source``)."""
-    from mls.options import typed_dict_source
+    """The source of ``PretrainOptions`` as the fields of ``SETTINGS`` declare it (``mls.command_options``)."""
+    from mls.command_options import typed_dict_source
     from mls.train.config import SETTINGS
 
     return typed_dict_source("PretrainOptions", SETTINGS, _DOC)
@@ -26,7 +26,7 @@ def pretrain_options_source() -> str:
 class PretrainOptions(TypedDict, total=False):
     """The settings ``mls.train.pretrain`` takes as keywords (left out or None: the preset's value)."""
 
-    # mls.config.MLSConfig
+    # mls.method.settings.MLSConfig
     arch: str | None
     small_stem: bool | None
     method: Literal["mocov2", "mls"] | None

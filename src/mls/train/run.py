@@ -28,9 +28,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from mls.checkpoint import UnreadableCheckpoint, atomic_save, is_pretraining_checkpoint, read_checkpoint
+from mls.checkpoints.pretrained import UnreadableCheckpoint, atomic_save, is_pretraining_checkpoint, read_checkpoint
+from mls.command_options import flat_options
 from mls.files import CheckpointNotWritten, ensure_writable_folder
-from mls.options import flat_options
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS, PretrainSettings
 from mls.train.data import PretrainData
 from mls.train.module import PretrainModule

@@ -17,7 +17,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from mls.checkpoint import backbone_info, load_backbone
+from mls.checkpoints.pretrained import backbone_info, load_backbone
 from mls.eval.report import summarise, write_report
 from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, DetectionSplits, collate_lists, load_detection_splits

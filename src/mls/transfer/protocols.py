@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mls.options import NO_DEFAULT, option_field
+from mls.command_options import NO_DEFAULT, option_field
 from mls.transfer.detection import DETECTION_HEADS
 from mls.transfer.segmentation import SEGMENTATION_HEADS
 from mls.transfer.training import check_positive

@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from mls.config import check, setting
-from mls.options import flat_options, split_options
+from mls.command_options import flat_options, split_options
+from mls.method.settings import check, setting
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mls.files import atomic_write, ensure_writable
-from mls.neighbors import Bank, crop_view, embed_boxes, open_pretrained
-from mls.selection import cosine_similarity
+from mls.method.selection import cosine_similarity
+from mls.neighbor_search import Bank, crop_view, embed_boxes, open_pretrained
 from mls.viz.curves import DPI
 
 NETWORKS = ("before", "after")
@@ -140,7 +140,7 @@ def before_network_and_queries(model: nn.Module, before: str, source, query_inde
                  crop_size: int) -> tuple[nn.Module, list[int], Tensor]:
     """Under ``seed`` (the global random state left as it was): the network before pretraining, the query
     images (``query_index``, else ``queries`` at random) and one random-resized crop box of each."""
-    from mls.checkpoint import load_pretrained
+    from mls.checkpoints.pretrained import load_pretrained
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mls import distributed, health
-from mls.backbones import build_backbone, projection_head
-from mls.config import MLSConfig
-from mls.losses import EXTRA_LOSSES, infonce_from_logits
-from mls.queue import FeatureQueue
-from mls.selection import labels_from_indices, topk_indices
+from mls.method import distributed, health
+from mls.method.backbones import build_backbone, projection_head
+from mls.method.losses import EXTRA_LOSSES, infonce_from_logits
+from mls.method.queue import FeatureQueue
+from mls.method.selection import labels_from_indices, topk_indices
+from mls.method.settings import MLSConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MLS(nn.Module):
-    """MoCo-v2 or MLS with a torchvision backbone; settings in ``MLSConfig`` (``mls.config``).
+    """MoCo-v2 or MLS with a torchvision backbone; settings in ``MLSConfig`` (``mls.method.settings``).
 
     ``MLS(config)`` or ``MLS(arch="resnet18", topk=5, ...)`` with ``MLSConfig``'s field names.
     """
@@ -114,7 +114,7 @@ class MLS(nn.Module):
         of view 2, stored beside the keys. ``extra_weight`` is λ for this step (a trainer's warm-up
         or ramp; a tensor is fine); ``None`` takes the configured λ. Returns ``loss`` (to
         minimise), ``loss_infonce``, ``loss_extra`` and the diagnostics of ``selection_stats``; with
-        ``diagnose``, also ``health``: the measures of ``mls.health`` on the queues as this step saw them.
+        ``diagnose``, also ``health``: the measures of ``mls.method.health`` on the queues as this step saw them.
         """
         cfg = self.config
         g1, z1 = self.encode_query(x1)
@@ -154,7 +154,7 @@ class MLS(nn.Module):
     @torch.no_grad()
     def health(self, q: Tensor, k: Tensor, l_neg: Tensor, labels: Tensor | None, valid: Tensor,
                negatives: Tensor) -> dict[str, Tensor]:
-        """``mls.health``'s measures for one step: the spread of ``Q_z`` (and ``Q_g``), alignment, and the
+        """``mls.method.health``'s measures for one step: the spread of ``Q_z`` (and ``Q_g``), alignment, and the
         gradient on ``z1`` of InfoNCE and of the extra loss's positive and negative terms (λ not applied)."""
         cfg = self.config
         out = health.queue_health(self.queue["z"], valid, self.queue["g"] if "g" in self.queue else None)

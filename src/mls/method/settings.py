@@ -40,7 +40,7 @@ def check_probability(name: str, p: float) -> None:
 
 def from_dict(cls, values: dict):
     """``cls(**values)`` with the keys that ``cls`` does not have left out. (The names of older checkpoints
-    are translated by ``mls.checkpoint_versions``.)"""
+    are translated by ``mls.checkpoints.versions``.)"""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
 
