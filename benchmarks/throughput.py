@@ -40,7 +40,7 @@ from mls.data.images import ImageFolderSource, load_pixels, load_rgb
 from mls.data.synthetic import SyntheticScenes
 from mls.train.config import PretrainSettings
 from mls.train.data import SeededViews
-from mls.train.run import build_data, build_module
+from mls.train.fit import build_data, build_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import fill, time_both  # noqa: E402  (the model step, shared with that benchmark)

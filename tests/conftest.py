@@ -12,8 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mls import MLS
+from mls import MLS, MLSConfig
 from mls.checkpoints.pretrained import save_pretrained
+from mls.data.augment import ViewConfig
+from mls.train.config import PretrainSettings, TrainConfig
+from mls.train.module import PretrainModule
 
 # `mls pretrain` settings of a few-step run: 48 built-in scenes of 32 px in batches of 8 (6 steps an epoch)
 TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
@@ -52,6 +55,12 @@ def fill_queue(model: MLS, seed: int = 2) -> None:
     if "g" in model.queue:
         entry["g"] = F.normalize(torch.randn(d, model.feature_dim, generator=g), dim=1)
     model.queue.push(**entry)
+
+
+def pretrain_module(model: dict, train: dict | None = None, **options) -> PretrainModule:
+    """The Lightning module of a run with these ``MLSConfig`` and ``TrainConfig`` settings (the rest default)."""
+    settings = PretrainSettings(MLSConfig(**model), ViewConfig(), TrainConfig(**(train or {})), "paper")
+    return PretrainModule(settings, **options)
 
 
 def tiny_checkpoint(path: Path, data: dict | None = None, **settings) -> MLS:

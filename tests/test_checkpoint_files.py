@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import TINY, fill_queue, tiny, tiny_checkpoint
 from mls.checkpoints.pretrained import UnreadableCheckpoint, read_checkpoint
 from mls.train import pretrain
-from mls.train.run import resolve_resume
+from mls.train.resume import resolve_resume
 
 # Runs `mls` (mls.cli.console, as the executable does) once per argument list in ONE fresh interpreter,
 # importing torch and Lightning once; each run's stderr is followed by a line `<<exit CODE>>`.
@@ -182,7 +182,7 @@ def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_command
     from types import SimpleNamespace
 
     from mls.train.config import PretrainSettings
-    from mls.train.run import run_summary
+    from mls.train.summary import run_summary
 
     logs = tmp_path / "csv" / "version_0"
     logs.mkdir(parents=True)

@@ -14,7 +14,7 @@ import torch
 from conftest import TINY
 from mls.checkpoints.pretrained import read_checkpoint
 from mls.train import pretrain
-from mls.train.run import resolve_resume
+from mls.train.resume import resolve_resume
 
 EPOCHS = 1000
 

@@ -61,7 +61,7 @@ def public_definitions() -> dict[str, list[str]]:
 def test_the_walk_sees_the_package():
     found = modules()
     assert "method/model.py" in found and "eval/commands.py" in found and len(found) > 40
-    assert "pretrain" in defined_names(found["train/run.py"].body)  # defined once
+    assert "pretrain" in defined_names(found["train/fit.py"].body)  # defined once
 
 
 def test_no_two_modules_define_the_same_public_name():

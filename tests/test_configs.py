@@ -7,8 +7,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from mls.method.settings import MLSConfig
+from mls.train.commands import pretrain_command
 from mls.train.config import PretrainSettings
-from mls.train.run import pretrain_command
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 COCO = ["mls_coco_r50_800ep.yaml", "mls_coco_r50_400ep.yaml", "mocov2_coco_r50_800ep.yaml",

@@ -12,9 +12,9 @@ import pytest
 from jsonargparse import ArgumentParser
 
 from mls.train import pretrain
+from mls.train.commands import _describe, pretrain_command
 from mls.train.config import PRESET_HELP, SETTINGS
 from mls.train.options import PretrainOptions, pretrain_options_source
-from mls.train.run import _describe, pretrain_command
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -35,7 +35,7 @@ def members(t) -> set:
 
 
 def test_pretrain_keeps_the_signature_and_docstring_it_is_defined_with():
-    import mls.train.run as run
+    import mls.train.fit as run
 
     assert run.pretrain is pretrain and not hasattr(pretrain, "__signature__")
     assert pretrain.__code__.co_filename == run.__file__ and pretrain.__qualname__ == "pretrain"

@@ -24,7 +24,7 @@ def _commands() -> dict:
     from mls.data.synthetic import synth
     from mls.eval.commands import finetune, knn, linear
     from mls.study import study
-    from mls.train.run import pretrain_command
+    from mls.train.commands import pretrain_command
     from mls.transfer.commands import detect, segment
     from mls.viz.curves import plot
     from mls.viz.neighbors import neighbors

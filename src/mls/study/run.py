@@ -36,6 +36,7 @@ from mls.study.grids import (
 from mls.study.report import write_outputs
 from mls.train import pretrain
 from mls.train.config import PRESETS
+from mls.train.resume import last_checkpoint
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
 BOOKKEEPING = ("save_every", "log_every", "workers")
@@ -169,7 +170,7 @@ class GridRun:
     def rescore_cell(self, key: str, seed: int, label: str) -> None:
         """Score a finished cell again from its last.ckpt (on the test split too if it was or ``test`` asks)."""
         previous = self.results["cells"][key]
-        checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
+        checkpoint = last_checkpoint(Path(previous["run"]))
         print(f"{label}: scoring {checkpoint} again", flush=True)
         previous["scores"] = score(checkpoint, self.plan, seed, self.test or "test_map" in previous["scores"],
                                    self.workers)
