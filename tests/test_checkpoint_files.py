@@ -199,6 +199,6 @@ def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_command
     last = tmp_path / "checkpoints" / "last.ckpt"
     text = run_summary(trainer, PretrainSettings.resolve({}, "demo"), tmp_path, last)
     assert "12 steps, 2 epochs" in text
-    assert "loss 4.000 (InfoNCE 3.000, extra 2.000 at mean λ 0.50), pseudo-label precision 0.600" in text
+    assert "loss 4.000 (InfoNCE 3.000, BCE (Eq. 9) balanced 2.000 at mean λ 0.50), pseudo-label precision 0.600" in text
     assert f"mls visualize neighbors --checkpoint {last}" in text and f"mls eval knn --weights {last}" in text
     assert f"mls plot {tmp_path}" in text

@@ -26,6 +26,9 @@ FIELDS = [(group, f) for group in SETTINGS for f in dataclasses.fields(group)]
 
 
 def option_type(group: type, f: dataclasses.Field):
+    """A setting's option type: the Literal of its choices (the extra losses' registry), else as declared."""
+    if "choices" in f.metadata:
+        return typing.Literal[tuple(f.metadata["choices"]())]
     return f.metadata.get("type", typing.get_type_hints(group)[f.name])
 
 

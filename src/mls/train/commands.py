@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from mls.command_options import flat_options
+from mls.method.settings import field_doc
 from mls.train.config import PRESET_HELP, PRESETS, SETTINGS
 from mls.train.fit import pretrain
 
@@ -14,7 +15,7 @@ from mls.train.fit import pretrain
 def _describe(f) -> str:
     """An option's help: its doc, the paper's default and, where they differ, the recommended and demo values."""
     others = [(name, PRESETS[name].get(f.name, f.default)) for name in ("recommended", "demo")]
-    return f"{f.metadata['doc']} [paper: {f.default}" + "".join(
+    return f"{field_doc(f)} [paper: {f.default}" + "".join(
         f"; {name}: {value}" for name, value in others if value != f.default) + "]"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
+from mls.method.extra_losses import EXTRA_LOSSES
 from mls.train.config import PretrainSettings
 from mls.train.console import health_watch
 
@@ -40,7 +41,8 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
     if means.get("loss") is not None:
         terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
         if settings.model.method == "mls" and "loss_extra" in means:
-            terms += f", extra {means['loss_extra']:.3f} at mean λ {means.get('extra_weight', float('nan')):.2f}"
+            words = EXTRA_LOSSES[settings.model.mls_loss].describe(settings.model)
+            terms += f", {words} {means['loss_extra']:.3f} at mean λ {means.get('extra_weight', float('nan')):.2f}"
         terms += ")"
         if "label_precision" in means:
             terms += f", pseudo-label precision {means['label_precision']:.3f} (share of selected neighbours " \
