@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from mls import MLS, MLSConfig
 from mls.checkpoints.pretrained import save_pretrained
 from mls.data.augment import ViewConfig
-from mls.train.config import PretrainSettings, TrainConfig
 from mls.train.module import PretrainModule
+from mls.train.settings import PretrainSettings, TrainConfig
 
 # `mls pretrain` settings of a few-step run: 48 built-in scenes of 32 px in batches of 8 (6 steps an epoch)
 TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)

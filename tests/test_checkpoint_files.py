@@ -181,7 +181,7 @@ def test_help_writes_options_with_dashes(capsys):
 def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_commands(tmp_path):
     from types import SimpleNamespace
 
-    from mls.train.config import PretrainSettings
+    from mls.train.settings import PretrainSettings
     from mls.train.summary import run_summary
 
     logs = tmp_path / "csv" / "version_0"

@@ -12,9 +12,9 @@ from mls.data.device_views import WorkerView, apply_appearance, collate_views, d
 from mls.data.images import ImageFolderSource
 from mls.data.synthetic import SyntheticScenes
 from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
-from mls.train.config import PretrainSettings, TrainConfig
-from mls.train.data import PretrainData, SeededViews
+from mls.train.data_module import PretrainData, SeededViews
 from mls.train.fit import build_data
+from mls.train.settings import PretrainSettings, TrainConfig
 
 MOCO_V2 = dict(hue=0.1, grayscale_p=0.2)  # MoCo-v2's view; the defaults keep jitter_p 0.8, blur_p 0.5
 DEMO = dict(hue=0.0, grayscale_p=0.0)  # the demo's: no hue draw at all

@@ -21,7 +21,7 @@ from mls.data.images import load_pixels
 from mls.data.sharding import chunk_bytes, shard
 from mls.data.shards import MANIFEST, ShardSource, is_shard_set
 from mls.train import pretrain
-from mls.train.data import PretrainData
+from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
 
 # a pretraining of a few steps on 32 px images in batches of 8

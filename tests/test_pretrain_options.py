@@ -13,8 +13,8 @@ from jsonargparse import ArgumentParser
 
 from mls.train import pretrain
 from mls.train.commands import _describe, pretrain_command
-from mls.train.config import PRESET_HELP, SETTINGS
-from mls.train.options import PretrainOptions, pretrain_options_source
+from mls.train.pretrain_options import PretrainOptions, pretrain_options_source
+from mls.train.settings import PRESET_HELP, SETTINGS
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -68,8 +68,8 @@ def test_the_typed_dict_has_one_optional_key_per_setting_of_its_type():
 def test_the_typed_dict_is_as_written_from_the_dataclasses():
     expected, written = pretrain_options_source(), inspect.getsource(PretrainOptions)
     assert written == expected, (
-        "PretrainOptions in src/mls/train/options.py differs from the settings dataclasses; replace the class with "
-        "what `python -c \"from mls.train.options import pretrain_options_source as s; print(s())\"` prints:\n\n"
+        "PretrainOptions in src/mls/train/pretrain_options.py differs from the settings dataclasses; replace the class with "
+        "what `python -c \"from mls.train.pretrain_options import pretrain_options_source as s; print(s())\"` prints:\n\n"
         + expected)
 
 

@@ -4,7 +4,7 @@
 and docs are the fields of settings dataclasses: each setting is declared once, in its dataclass.
 ``split_options`` hands the options a command was given back to their dataclasses. ``typed_dict_source``
 writes those options out as a ``TypedDict``, for a function that takes them as ``**options`` to declare its
-keywords to type checkers and editors (``mls.train.options.PretrainOptions``).
+keywords to type checkers and editors (``mls.train.pretrain_options.PretrainOptions``).
 """
 from __future__ import annotations
 

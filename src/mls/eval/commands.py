@@ -14,8 +14,8 @@ from mls.checkpoints.pretrained import backbone_info
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
 from mls.eval.metrics import average_precision, classification_metrics
-from mls.eval.protocols import Task, knn_classify, linear_probe
-from mls.eval.report import summarise, write_report
+from mls.eval.probes import Task, knn_classify, linear_probe
+from mls.eval.results import summarise, write_report
 
 FEATURE_BATCH = 256  # batch of feature extraction and of the linear probe when --batch-size is not given
 SYNTHETIC_SIZE = 64  # size of the generated images when neither --image-size nor the checkpoint gives one

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mls.eval.datasets import DATASETS, Transformed
-from mls.eval.protocols import Task, classification_loss
+from mls.eval.probes import Task, classification_loss
 from mls.eval.transforms import test_transform, train_transform
 
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from mls.command_options import flat_options
 from mls.method.settings import field_doc
-from mls.train.config import PRESET_HELP, PRESETS, SETTINGS
 from mls.train.fit import pretrain
+from mls.train.settings import PRESET_HELP, PRESETS, SETTINGS
 
 
 def _describe(f) -> str:

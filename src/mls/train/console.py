@@ -14,7 +14,7 @@ from mls.train.watch import HealthWatch
 
 # Lightning warnings that do not apply to these runs: `mls.train.resume` picks the checkpoint (with
 # OnExceptionCheckpoint, Lightning goes looking for a "last" one on every fresh fit), and the sampler
-# goes on mid-epoch from the restored step (mls.train.data), which Lightning cannot see.
+# goes on mid-epoch from the restored step (mls.train.data_module), which Lightning cannot see.
 _NOT_APPLICABLE = (
     r"`\.fit\(ckpt_path=None\)` was called without a model",
     r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint',

@@ -1,9 +1,9 @@
 """``pretrain()``: settings → data → model → trainer, each built by a function of its own, then fitted.
 
 The options of ``pretrain`` are the fields of ``MLSConfig``, ``ViewConfig`` and ``TrainConfig``
-(``mls.train.config.SETTINGS``), taken flat (``topk=5``, ``--hue``, ``--batch-size``): a new setting
+(``mls.train.settings.SETTINGS``), taken flat (``topk=5``, ``--hue``, ``--batch-size``): a new setting
 is declared once, in its dataclass, and appears in ``--help``, in the YAML configs and in the
-checkpoint; ``PretrainOptions`` (mls.train.options), which types ``pretrain``'s keywords for editors,
+checkpoint; ``PretrainOptions`` (mls.train.pretrain_options), which types ``pretrain``'s keywords for editors,
 is written from the dataclasses. Which checkpoint a run goes on from is ``mls.train.resume``'s; the lines it
 ends with, ``mls.train.summary``'s; ``mls pretrain``'s parser, ``mls.train.commands``'. Importing this module
 only defines things.
@@ -21,12 +21,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from mls.files import ensure_writable_folder
-from mls.train.config import PRESET_HELP, PretrainSettings, TrainConfig
 from mls.train.console import ProgressBar, lightning_warnings_left_out, quiet_lightning_tips
-from mls.train.data import PretrainData
+from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
-from mls.train.options import PretrainOptions
+from mls.train.pretrain_options import PretrainOptions
 from mls.train.resume import AtomicCheckpointIO, checkpoint_callbacks, last_checkpoint, start_point
+from mls.train.settings import PRESET_HELP, PretrainSettings, TrainConfig
 from mls.train.summary import run_summary
 from mls.train.watch import HealthWatch
 
@@ -123,7 +123,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
         resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT
             holding checkpoints is refused).
         preset: where unset options come from: auto (demo without --data, else recommended), demo, recommended
-            or paper (``PRESET_HELP`` in mls.train.config says what each holds).
+            or paper (``PRESET_HELP`` in mls.train.settings says what each holds).
         **options: the settings by name (``epochs=1``, ``topk=5``), each a field of ``MLSConfig``, ``ViewConfig``
             or ``TrainConfig`` with its doc (``PretrainOptions`` lists them; ``mls pretrain --help`` shows them
             with each preset's value); left out or None: the preset's value. An unknown name is a ValueError.

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import mls
 from mls.method.model import MLS
 from mls.neighbor_search import step_label_precision
-from mls.train.config import PretrainSettings
+from mls.train.settings import PretrainSettings
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -1,7 +1,7 @@
 """Resumption in one place: the checkpoints a run writes (their names, written atomically, the interrupted
 run's), which one ``--resume`` picks and whether it may go on, and the refusal to start afresh over a run.
 
-The data module keeps its own part of the state (``mls.train.data``: the split of an epoch a run stopped in).
+The data module keeps its own part of the state (``mls.train.data_module``: the split of an epoch a run stopped in).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
 from mls.method.extra_losses import EXTRA_LOSSES
-from mls.train.config import PretrainSettings
 from mls.train.console import health_watch
+from mls.train.settings import PretrainSettings
 
 
 def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:

@@ -19,7 +19,7 @@ import torch
 from mls.checkpoints.pretrained import backbone_info
 from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
-from mls.eval.protocols import Task, knn_classify, linear_probe
+from mls.eval.probes import Task, knn_classify, linear_probe
 from mls.files import atomic_write
 from mls.neighbor_search import dataset_bank, neighbor_precision, open_pretrained, search
 from mls.study.grids import (
@@ -33,10 +33,10 @@ from mls.study.grids import (
     on_scenes,
     resolve_cell,
 )
-from mls.study.report import write_outputs
+from mls.study.outputs import write_outputs
 from mls.train import pretrain
-from mls.train.config import PRESETS
 from mls.train.resume import last_checkpoint
+from mls.train.settings import PRESETS
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
 BOOKKEEPING = ("save_every", "log_every", "workers")
