@@ -39,10 +39,12 @@ class Recipe:
 
 SMALL_SINGLE_LABEL = ("cub200", "flowers102", "cars", "aircraft", "pets", "dtd", "indoor67")
 
-RECIPES = {name: Recipe() for name in DATASETS}
-RECIPES.update({name: Recipe(epochs=120) for name in SMALL_SINGLE_LABEL})  # main paper §4
-RECIPES["coco"] = Recipe(epochs=40)
-RECIPES["synthetic"] = Recipe(image_size=None, epochs=30, lr=0.05)
+RECIPES = {
+    **{name: Recipe() for name in DATASETS},
+    **{name: Recipe(epochs=120) for name in SMALL_SINGLE_LABEL},  # main paper §4
+    "coco": Recipe(epochs=40),
+    "synthetic": Recipe(image_size=None, epochs=30, lr=0.05),
+}
 
 
 class FineTuner(L.LightningModule):
