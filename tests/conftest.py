@@ -6,6 +6,7 @@ Import them by name (``from conftest import tiny``); pytest puts this folder on 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,15 @@ def pretrain_module(model: dict, train: dict | None = None, **options) -> Pretra
     return PretrainModule(settings, **options)
 
 
-def tiny_checkpoint(path: Path, data: dict | None = None, **settings) -> MLS:
-    """A pretraining checkpoint of a small model (ResNet-18, D = 16, k = 2, dz = 16) written by ``save_pretrained``."""
+def tiny_checkpoint(path: Path, data: dict | None = None, prepare: Callable[[MLS], None] | None = None,
+                    **settings) -> MLS:
+    """A pretraining checkpoint of a small model (ResNet-18, D = 16, k = 2, dz = 16) written by ``save_pretrained``;
+    ``prepare(model)`` changes the model first (its weights, its queue)."""
     torch.manual_seed(0)
     model = MLS(**{"arch": "resnet18", "small_stem": False, "queue_size": 16, "topk": 2, "dim": 16, **settings})
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
     save_pretrained(path, model, {"data": data or {}})
     return model
 
