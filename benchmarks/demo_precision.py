@@ -16,7 +16,7 @@ from pathlib import Path
 from jsonargparse import CLI
 
 from mls.data.synthetic import SyntheticScenes
-from mls.neighbors import neighbor_precision
+from mls.neighbor_search import neighbor_precision
 from mls.train import pretrain
 from mls.viz.neighbors import neighbors
 

@@ -18,7 +18,7 @@ import lightning as L
 from jsonargparse import CLI
 from torch.utils.data import DataLoader
 
-from mls.checkpoint import load_backbone
+from mls.checkpoints.pretrained import load_backbone
 from mls.data.synthetic import write_coco
 from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits

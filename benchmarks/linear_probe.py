@@ -15,7 +15,7 @@ from pathlib import Path
 from jsonargparse import CLI
 
 from mls.eval.commands import linear
-from mls.eval.report import markdown_table
+from mls.eval.results import markdown_table
 from mls.train import pretrain
 
 

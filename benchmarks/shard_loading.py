@@ -28,7 +28,7 @@ from mls.data.images import ImageFolderSource
 from mls.data.sharding import shard
 from mls.data.shards import ShardSource
 from mls.data.synthetic import SyntheticScenes
-from mls.train.data import PretrainData
+from mls.train.data_module import PretrainData
 
 
 def write_scenes(folder: Path, n: int) -> None:

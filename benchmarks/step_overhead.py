@@ -1,5 +1,5 @@
 """Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch; and the cost
-of the health measures (``mls.health``), which a run computes every ``--log-every`` steps.
+of the health measures (``mls.method.health``), which a run computes every ``--log-every`` steps.
 
 The steps (forward, backward, SGD update) are timed in one process, alternating, and the
 ratio of medians is printed, so that machine noise hits all alike. Memory is the CUDA

@@ -38,9 +38,9 @@ from mls.data.augment import MoCoV2View, TwoViewDataset
 from mls.data.device_views import WorkerView, apply_appearance, collate_views
 from mls.data.images import ImageFolderSource, load_pixels, load_rgb
 from mls.data.synthetic import SyntheticScenes
-from mls.train.config import PretrainSettings
-from mls.train.data import SeededViews
-from mls.train.run import build_data, build_module
+from mls.train.data_module import SeededViews
+from mls.train.fit import build_data, build_module
+from mls.train.settings import PretrainSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import fill, time_both  # noqa: E402  (the model step, shared with that benchmark)

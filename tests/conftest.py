@@ -6,14 +6,18 @@ Import them by name (``from conftest import tiny``); pytest puts this folder on 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mls import MLS
-from mls.checkpoint import save_pretrained
+from mls import MLS, MLSConfig
+from mls.checkpoints.pretrained import save_pretrained
+from mls.data.augment import ViewConfig
+from mls.train.module import PretrainModule
+from mls.train.settings import PretrainSettings, TrainConfig
 
 # `mls pretrain` settings of a few-step run: 48 built-in scenes of 32 px in batches of 8 (6 steps an epoch)
 TINY = dict(num_images=48, batch_size=8, queue_size=24, topk=4, image_size=32, workers=0, log_every=1)
@@ -54,10 +58,21 @@ def fill_queue(model: MLS, seed: int = 2) -> None:
     model.queue.push(**entry)
 
 
-def tiny_checkpoint(path: Path, data: dict | None = None, **settings) -> MLS:
-    """A pretraining checkpoint of a small model (ResNet-18, D = 16, k = 2, dz = 16) written by ``save_pretrained``."""
+def pretrain_module(model: dict, train: dict | None = None, **options) -> PretrainModule:
+    """The Lightning module of a run with these ``MLSConfig`` and ``TrainConfig`` settings (the rest default)."""
+    settings = PretrainSettings(MLSConfig(**model), ViewConfig(), TrainConfig(**(train or {})), "paper")
+    return PretrainModule(settings, **options)
+
+
+def tiny_checkpoint(path: Path, data: dict | None = None, prepare: Callable[[MLS], None] | None = None,
+                    **settings) -> MLS:
+    """A pretraining checkpoint of a small model (ResNet-18, D = 16, k = 2, dz = 16) written by ``save_pretrained``;
+    ``prepare(model)`` changes the model first (its weights, its queue)."""
     torch.manual_seed(0)
     model = MLS(**{"arch": "resnet18", "small_stem": False, "queue_size": 16, "topk": 2, "dim": 16, **settings})
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
     save_pretrained(path, model, {"data": data or {}})
     return model
 

@@ -8,10 +8,10 @@ import torch
 
 import mls
 from mls import MLS
-from mls.checkpoint import backbone_info, load_pretrained
-from mls.checkpoint_versions import upgrade
+from mls.checkpoints.pretrained import backbone_info, load_pretrained
+from mls.checkpoints.versions import upgrade
 from mls.cli import main
-from mls.neighbors import checkpoint_data
+from mls.neighbor_search import checkpoint_data
 
 DATA = {"data": None, "annotations": None, "num_images": 40, "image_size": 32, "seed": 0}
 # What `mls pretrain` of mls 0.2.0 stored as the model's hyper-parameters: its MLS keyword arguments,

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import TINY, fill_queue, tiny, tiny_checkpoint
-from mls.checkpoint import UnreadableCheckpoint, read_checkpoint
+from mls.checkpoints.pretrained import UnreadableCheckpoint, read_checkpoint
 from mls.train import pretrain
-from mls.train.run import resolve_resume
+from mls.train.resume import resolve_resume
 
 # Runs `mls` (mls.cli.console, as the executable does) once per argument list in ONE fresh interpreter,
 # importing torch and Lightning once; each run's stderr is followed by a line `<<exit CODE>>`.
@@ -146,7 +146,7 @@ def write_images(folder: Path, n: int) -> Path:
 
 @pytest.mark.slow
 def test_neighbors_refuses_other_data_than_the_checkpoints_unless_forced(tmp_path):
-    from mls.checkpoint import save_pretrained
+    from mls.checkpoints.pretrained import save_pretrained
     from mls.data.images import ImageFolderSource
     from mls.viz.neighbors import neighbors
 
@@ -181,8 +181,8 @@ def test_help_writes_options_with_dashes(capsys):
 def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_commands(tmp_path):
     from types import SimpleNamespace
 
-    from mls.train.config import PretrainSettings
-    from mls.train.run import run_summary
+    from mls.train.settings import PretrainSettings
+    from mls.train.summary import run_summary
 
     logs = tmp_path / "csv" / "version_0"
     logs.mkdir(parents=True)
@@ -199,6 +199,6 @@ def test_the_summary_gives_the_last_epochs_loss_terms_precision_and_next_command
     last = tmp_path / "checkpoints" / "last.ckpt"
     text = run_summary(trainer, PretrainSettings.resolve({}, "demo"), tmp_path, last)
     assert "12 steps, 2 epochs" in text
-    assert "loss 4.000 (InfoNCE 3.000, extra 2.000 at mean λ 0.50), pseudo-label precision 0.600" in text
+    assert "loss 4.000 (InfoNCE 3.000, BCE (Eq. 9) balanced 2.000 at mean λ 0.50), pseudo-label precision 0.600" in text
     assert f"mls visualize neighbors --checkpoint {last}" in text and f"mls eval knn --weights {last}" in text
     assert f"mls plot {tmp_path}" in text

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import TINY
-from mls.checkpoint import read_checkpoint
+from mls.checkpoints.pretrained import read_checkpoint
 from mls.train import pretrain
-from mls.train.run import resolve_resume
+from mls.train.resume import resolve_resume
 
 EPOCHS = 1000
 
@@ -108,7 +108,7 @@ console()
 
 
 def test_a_failed_atomic_write_leaves_the_previous_file_byte_identical(tmp_path, monkeypatch):
-    from mls.checkpoint import atomic_save
+    from mls.checkpoints.pretrained import atomic_save
 
     path = tmp_path / "last.ckpt"
     atomic_save({"global_step": 1, "w": torch.arange(10)}, path)

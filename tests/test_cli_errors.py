@@ -72,7 +72,7 @@ def test_importing_mls_changes_no_logging_state():
         def state():
             return [(list(logging.getLogger(n).filters), list(logging.getLogger(n).handlers)) for n in names]
         before = state()
-        import mls, mls.train.run, mls.cli, mls.study.run, mls.viz.neighbors, mls.transfer.commands
+        import mls, mls.train.fit, mls.cli, mls.study.runner, mls.viz.neighbors, mls.transfer.commands
         assert state() == before, (before, state())
     """)
     subprocess.run([sys.executable, "-c", code], check=True)

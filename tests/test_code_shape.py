@@ -60,8 +60,8 @@ def public_definitions() -> dict[str, list[str]]:
 
 def test_the_walk_sees_the_package():
     found = modules()
-    assert "model.py" in found and "eval/commands.py" in found and len(found) > 40
-    assert "pretrain" in defined_names(found["train/run.py"].body)  # defined once
+    assert "method/model.py" in found and "eval/commands.py" in found and len(found) > 40
+    assert "pretrain" in defined_names(found["train/fit.py"].body)  # defined once
 
 
 def test_no_two_modules_define_the_same_public_name():
@@ -87,3 +87,22 @@ def test_identifiers_spell_neighbor_one_way():
                       for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
                       if tok.type == tokenize.NAME and "neighbour" in tok.string.lower()})
     assert british == []
+
+
+# A module name used in several folders says the same kind of file in each.
+SAME_KIND = {
+    "settings": "settings dataclasses, each field declared with setting() (method, train, transfer)",
+    "commands": "the wiring of a command line's sub-commands (train, eval, transfer)",
+    "metrics": "scoring functions (eval: classification, transfer: detection and segmentation)",
+}
+
+
+def test_a_module_name_used_twice_names_one_kind_of_file():
+    places = defaultdict(list)
+    for path in SOURCE.rglob("*"):
+        if (path.suffix == ".py" and path.stem != "__init__") or (path.is_dir() and path.name != "__pycache__"):
+            places[path.stem].append(path.relative_to(SOURCE).as_posix())
+    repeated = {name: where for name, where in places.items() if len(where) > 1}
+    assert set(repeated) <= set(SAME_KIND), f"module names with two meanings: {repeated}"
+    for path in SOURCE.rglob("settings.py"):
+        assert "setting(" in path.read_text(encoding="utf-8"), path

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from mls.config import MLSConfig
-from mls.train.config import PretrainSettings
-from mls.train.run import pretrain_command
+from mls.method.settings import MLSConfig
+from mls.train.commands import pretrain_command
+from mls.train.settings import PretrainSettings
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 COCO = ["mls_coco_r50_800ep.yaml", "mls_coco_r50_400ep.yaml", "mocov2_coco_r50_800ep.yaml",
@@ -107,7 +107,7 @@ def test_transfer_configs_hold_the_papers_schedules(name, command, head, iters, 
 def test_the_study_finalists_grid_holds_valid_variants_that_are_not_the_demo_twice():
     from mls.study import BUDGETS, grid_cells
     from mls.study.grids import load_budget
-    from mls.study.run import cell_key
+    from mls.study.runner import cell_key
 
     cells = grid_cells(str(CONFIGS / "study_finalists.yaml"), BUDGETS["long"])
     assert list(cells)[:2] == ["mocov2", "paper"] and len(cells) >= 4

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.data.augment import MoCoV2View, TwoViewDataset, blur_kernel_size
 from mls.data.images import ImageFolderSource
 from mls.data.synthetic import SyntheticScenes
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 def coordinate_image(width, height):

@@ -1,5 +1,4 @@
 """Views made on the device: the same draws as the CPU path, applied per sample as torchvision would."""
-import dataclasses
 import warnings
 
 import lightning as L
@@ -7,15 +6,15 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
+from conftest import pretrain_module
 from mls.data.augment import MoCoV2View, TwoViewDataset, blur_kernel_size, blur_sigma_range
 from mls.data.device_views import WorkerView, apply_appearance, collate_views, draw_appearance
 from mls.data.images import ImageFolderSource
 from mls.data.synthetic import SyntheticScenes
-from mls.train.config import PretrainSettings, TrainConfig
-from mls.train.data import PretrainData, SeededViews
-from mls.train.module import PretrainModule
-from mls.train.run import build_data
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
+from mls.train.data_module import PretrainData, SeededViews
+from mls.train.fit import build_data
+from mls.train.settings import PretrainSettings, TrainConfig
 
 MOCO_V2 = dict(hue=0.1, grayscale_p=0.2)  # MoCo-v2's view; the defaults keep jitter_p 0.8, blur_p 0.5
 DEMO = dict(hue=0.0, grayscale_p=0.0)  # the demo's: no hue draw at all
@@ -168,8 +167,8 @@ class FirstBatch(L.Callback):
 def test_pretrain_data_makes_the_views_on_the_device_and_the_module_trains(tmp_path):
     settings = dict(num_images=16, image_size=32, batch_size=8, workers=0, seed=0, view=MoCoV2View(32, **MOCO_V2))
     torch.manual_seed(0)
-    module = PretrainModule(dict(arch="resnet18", queue_size=8, topk=2, dim=16, method="mls"),
-                            dataclasses.asdict(TrainConfig(epochs=1, batch_size=8)), steps_per_epoch=2, total_batch=8)
+    module = pretrain_module(dict(arch="resnet18", queue_size=8, topk=2, dim=16, method="mls"),
+                             dict(epochs=1, batch_size=8), steps_per_epoch=2, total_batch=8)
     seen = FirstBatch()
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[seen],

@@ -15,13 +15,13 @@ import torch.multiprocessing as mp
 from litdata import StreamingDataset
 from PIL import Image
 
-from mls.checkpoint import read_checkpoint
+from mls.checkpoints.pretrained import read_checkpoint
 from mls.cli import main
 from mls.data.images import load_pixels
 from mls.data.sharding import chunk_bytes, shard
 from mls.data.shards import MANIFEST, ShardSource, is_shard_set
 from mls.train import pretrain
-from mls.train.data import PretrainData
+from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
 
 # a pretraining of a few steps on 32 px images in batches of 8

@@ -9,8 +9,8 @@ from sklearn.metrics import average_precision_score
 
 from mls.eval.datasets import EvalData
 from mls.eval.metrics import IGNORE, average_precision, classification_metrics, top1_accuracy, voc07_average_precision
-from mls.eval.protocols import Task, classification_loss, knn_scores, linear_probe
-from mls.eval.report import markdown_table, summarise
+from mls.eval.probes import Task, classification_loss, knn_scores, linear_probe
+from mls.eval.results import markdown_table, summarise
 
 I = IGNORE  # noqa: E741 (reads as a blank in the hand-worked tables below)
 

@@ -8,28 +8,26 @@ import torch
 import torchvision
 from torch import nn
 
-from mls import MLS
-from mls.checkpoint import save_pretrained
+from conftest import tiny_checkpoint
+from mls.checkpoints.export import detectron2_checkpoint, export
 from mls.cli import main
-from mls.export import detectron2_checkpoint, export
 from mls.files import atomic_write
 
 DATA = dict(data=None, annotations=None, num_images=40, image_size=32, seed=0)
 
 
+def distinguish(model):
+    """Momentum encoder and running statistics unlike the query backbone's and torchvision's, so a mix-up shows."""
+    for p in model.backbone_k.parameters():
+        p.add_(1.0)
+    for name, buf in model.backbone_q.named_buffers():
+        if "running" in name:
+            buf.uniform_(0.5, 1.5)
+
+
 def pretrained(path, **kwargs):
     """A checkpoint whose momentum encoder and heads differ from the query backbone, so a mix-up shows."""
-    torch.manual_seed(0)
-    args = dict(arch="resnet18", small_stem=False, queue_size=16, topk=2, dim=16) | kwargs
-    model = MLS(**args)
-    with torch.no_grad():
-        for p in model.backbone_k.parameters():
-            p.add_(1.0)
-        for name, buf in model.backbone_q.named_buffers():
-            if "running" in name:
-                buf.uniform_(0.5, 1.5)  # distinguishable from the torchvision initial statistics
-    save_pretrained(path, model, {"model": args, "data": DATA})
-    return model
+    return tiny_checkpoint(path, DATA, prepare=distinguish, **kwargs)
 
 
 @pytest.fixture(scope="module")

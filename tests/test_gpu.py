@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fill_queue, tiny
-from mls import health
+from mls.method import health
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""The health measures (mls.health) against independent computations: numpy, written-out loops, autograd."""
+"""The health measures (mls.method.health) against independent computations: numpy, written-out loops, autograd."""
 import math
 
 import numpy as np
@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mls import MLS, health
-from mls.losses import bce, bce_pos, infonce_from_logits, knn_softmax
+from mls import MLS
+from mls.method import health
+from mls.method.extra_losses import EXTRA_LOSSES
+from mls.method.losses import bce, bce_pos, infonce_from_logits, knn_softmax
 
 
 def unit_rows(n, d, seed=0):
@@ -68,7 +70,7 @@ def autograd_on_logits(loss_fn, logits):
 def test_bce_gradient_split_matches_autograd(balanced, bias):
     q, bank, y, valid = logits_and_labels()
     logits, tau = q @ bank.T, 0.2
-    pos, neg = health.logit_grads("bce", logits, y, tau, valid, balanced=balanced, bias=bias)
+    pos, neg = EXTRA_LOSSES["bce"].logit_grads(logits, y, tau, valid, balanced=balanced, bias=bias)
     total = autograd_on_logits(lambda p: bce(p, y, tau, valid, balanced=balanced, bias=bias), logits)
     torch.testing.assert_close(pos + neg, total)
     # the positive terms alone: Eq. 9 restricted to y = 1, written out
@@ -83,10 +85,10 @@ def test_bce_gradient_split_matches_autograd(balanced, bias):
 def test_bce_pos_and_knn_gradients_match_autograd():
     q, bank, y, valid = logits_and_labels(seed=5)
     logits, tau = q @ bank.T, 0.1
-    pos, neg = health.logit_grads("bce_pos", logits, y, tau, valid)
+    pos, neg = EXTRA_LOSSES["bce_pos"].logit_grads(logits, y, tau, valid)
     torch.testing.assert_close(pos, autograd_on_logits(lambda p: bce_pos(p, y, tau, valid), logits))
     assert neg.abs().sum() == 0
-    pos, neg = health.logit_grads("knn", logits, y, tau, valid)
+    pos, neg = EXTRA_LOSSES["knn"].logit_grads(logits, y, tau, valid)
     torch.testing.assert_close(pos + neg, autograd_on_logits(lambda p: knn_softmax(p, y, tau, valid), logits))
     assert (neg[:, ~valid]).abs().sum() == 0
 
@@ -105,7 +107,7 @@ def test_forces_on_z1_match_autograd_through_the_normalisation():
     (bce(z @ bank.T, y, tau, valid) * len(q)).backward()
     expected_extra = u.grad.norm(dim=1).mean()
 
-    extra = health.logit_grads("bce", q @ bank.T, y, tau, valid)
+    extra = EXTRA_LOSSES["bce"].logit_grads(q @ bank.T, y, tau, valid)
     out = health.step_forces(q, k, bank, q @ bank.T, tau, valid, extra=extra, labels=y)
     assert out["grad_infonce"].item() == pytest.approx(expected_infonce.item(), rel=1e-4)
     both = health.tangent_norm((extra[0] + extra[1]) @ bank, q)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mls.losses import bce, bce_pos, infonce, knn_softmax
+from mls.method.losses import bce, bce_pos, infonce, knn_softmax
 
 
 def log_sigmoid(x: float) -> float:

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import fill_queue, tiny, views
-from mls.losses import bce, infonce, knn_softmax
-from mls.selection import select_topk
+from conftest import fill_queue, pretrain_module, tiny, views
+from mls.method.losses import bce, infonce, knn_softmax
+from mls.method.selection import select_topk
 from mls.train.module import PretrainModule, extra_weight_factor
 
 
@@ -115,9 +115,9 @@ def test_mocov2_is_infonce_only_and_keeps_no_backbone_queue():
 
 
 def test_extra_loss_waits_for_a_full_queue_when_asked():
-    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, extra_weight=1.0),
-                            train={"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 0,
-                                   "extra_after_full_queue": True})
+    module = pretrain_module(dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, extra_weight=1.0),
+                             {"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 0,
+                              "extra_after_full_queue": True})
     model = module.model
     out = model(*views(), extra_weight=module.extra_weight())  # 6 of 16 written
     assert float(out["loss"]) == float(out["loss_infonce"])
@@ -223,9 +223,9 @@ def test_the_weight_of_the_extra_loss_ramps_linearly(epoch, start, ramp, expecte
 
 
 def test_the_trainer_passes_the_scheduled_weight_to_the_model():
-    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, extra_weight=0.5),
-                            train={"channels_last": False, "extra_start_epoch": 1, "extra_ramp_epochs": 2,
-                                   "extra_after_full_queue": False}, steps_per_epoch=10)
+    module = pretrain_module(dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, extra_weight=0.5),
+                             {"channels_last": False, "extra_start_epoch": 1, "extra_ramp_epochs": 2,
+                              "extra_after_full_queue": False}, steps_per_epoch=10)
     steps = {0: 0.0, 10: 0.0, 20: 0.25, 25: 0.375, 30: 0.5, 100: 0.5}
     for step, weight in steps.items():
         assert float(module.extra_weight(step)) == pytest.approx(weight), step
@@ -233,10 +233,10 @@ def test_the_trainer_passes_the_scheduled_weight_to_the_model():
 
 def test_a_training_step_never_waits_for_the_device(monkeypatch):
     """No .item(), float(), bool(), .tolist() or .cpu() in the step: each would stall a GPU once per step."""
-    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, logit_bias="learned",
+    module = pretrain_module(dict(arch="resnet18", small_stem=True, queue_size=16, topk=4, logit_bias="learned",
                                        mask_positives=True),
-                            train={"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 1,
-                                   "extra_after_full_queue": True}, steps_per_epoch=4)
+                             {"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 1,
+                              "extra_after_full_queue": True}, steps_per_epoch=4)
     module.labels = torch.eye(8)[torch.arange(64) % 8].bool()
     monkeypatch.setattr(module, "log_dict", lambda *a, **k: None)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
@@ -256,9 +256,9 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
 
 def _module(**train) -> PretrainModule:
     torch.manual_seed(0)
-    module = PretrainModule(model=dict(arch="resnet18", small_stem=True, queue_size=32, topk=4, dim=32),
-                            train={"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 0,
-                                   "extra_after_full_queue": False, **train})
+    module = pretrain_module(dict(arch="resnet18", small_stem=True, queue_size=32, topk=4, dim=32),
+                             {"channels_last": False, "extra_start_epoch": 0, "extra_ramp_epochs": 0,
+                              "extra_after_full_queue": False, **train})
     fill_queue(module.model)
     return module
 

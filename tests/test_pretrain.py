@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 from conftest import TINY
-from mls.checkpoint import load_pretrained, read_checkpoint
+from mls.checkpoints.pretrained import load_pretrained, read_checkpoint
 from mls.cli import main
 from mls.train import pretrain
 from mls.train.module import PretrainModule
@@ -228,7 +228,7 @@ def test_a_run_stopped_mid_epoch_resumes_only_with_the_same_split_of_its_epochs(
 
 
 def test_resume_auto_takes_the_checkpoint_that_got_furthest(tmp_path):
-    from mls.train.run import resolve_resume
+    from mls.train.resume import resolve_resume
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()

@@ -12,9 +12,9 @@ import pytest
 from jsonargparse import ArgumentParser
 
 from mls.train import pretrain
-from mls.train.config import PRESET_HELP, SETTINGS
-from mls.train.options import PretrainOptions, pretrain_options_source
-from mls.train.run import _describe, pretrain_command
+from mls.train.commands import _describe, pretrain_command
+from mls.train.pretrain_options import PretrainOptions, pretrain_options_source
+from mls.train.settings import PRESET_HELP, SETTINGS
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -26,6 +26,9 @@ FIELDS = [(group, f) for group in SETTINGS for f in dataclasses.fields(group)]
 
 
 def option_type(group: type, f: dataclasses.Field):
+    """A setting's option type: the Literal of its choices (the extra losses' registry), else as declared."""
+    if "choices" in f.metadata:
+        return typing.Literal[tuple(f.metadata["choices"]())]
     return f.metadata.get("type", typing.get_type_hints(group)[f.name])
 
 
@@ -35,7 +38,7 @@ def members(t) -> set:
 
 
 def test_pretrain_keeps_the_signature_and_docstring_it_is_defined_with():
-    import mls.train.run as run
+    import mls.train.fit as run
 
     assert run.pretrain is pretrain and not hasattr(pretrain, "__signature__")
     assert pretrain.__code__.co_filename == run.__file__ and pretrain.__qualname__ == "pretrain"
@@ -65,8 +68,8 @@ def test_the_typed_dict_has_one_optional_key_per_setting_of_its_type():
 def test_the_typed_dict_is_as_written_from_the_dataclasses():
     expected, written = pretrain_options_source(), inspect.getsource(PretrainOptions)
     assert written == expected, (
-        "PretrainOptions in src/mls/train/options.py differs from the settings dataclasses; replace the class with "
-        "what `python -c \"from mls.train.options import pretrain_options_source as s; print(s())\"` prints:\n\n"
+        "PretrainOptions in src/mls/train/pretrain_options.py differs from the settings dataclasses; replace the class with "
+        "what `python -c \"from mls.train.pretrain_options import pretrain_options_source as s; print(s())\"` prints:\n\n"
         + expected)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mls.queue import FeatureQueue
+from mls.method.queue import FeatureQueue
 
 
 def make_queue(size=10):

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from mls.selection import select_topk
+from mls.method.selection import select_topk
 
 
 def brute_topk(x, bank, k, valid):

@@ -12,9 +12,9 @@ from PIL import Image
 from mls.cli import main, usage_error
 from mls.study import BUDGETS, grid_cells
 from mls.study.grids import PAPER_K_OVER_D, SCENE_BASES, SceneBase, resolve_cell, scaled_k
-from mls.study.report import beyond_noise, markdown, summarise_cells, write_outputs
-from mls.study.run import cell_key
-from mls.train.config import PRESETS
+from mls.study.outputs import beyond_noise, markdown, summarise_cells, write_outputs
+from mls.study.runner import cell_key
+from mls.train.settings import PRESETS
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_a_grid_runs_end_to_end_resumes_without_rerunning_and_writes_its_outputs
     Image.open(tmp_path / "results.png").verify()
 
     # Run again: every cell is done, so nothing pretrains.
-    import mls.study.run as run
+    import mls.study.runner as run
 
     def refuse(**kwargs):
         raise AssertionError("a finished cell ran again")
@@ -61,7 +61,7 @@ def test_a_grid_runs_end_to_end_resumes_without_rerunning_and_writes_its_outputs
 
 @pytest.mark.slow
 def test_an_interrupted_cell_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
-    import mls.study.run as run
+    import mls.study.runner as run
 
     seen = []
     real = run.pretrain
@@ -183,7 +183,7 @@ def test_a_cell_is_keyed_by_the_settings_it_resolves_to():
 def test_a_grid_keeps_its_base_when_the_demo_changes(monkeypatch, tmp_path):
     """Under --base demo-0.4 a cell on the built-in scenes is the demo's settings at λ = 1 (the base the tables in
     docs/study measured), whatever λ the demo has; with --data the paper's preset stays as it is."""
-    from mls.train.config import PRESETS, PretrainSettings
+    from mls.train.settings import PRESETS, PretrainSettings
 
     mocov2, balanced = {"data": None, "method": "mocov2", "epochs": 32}, {"data": None, "epochs": 32}
     before = cell_key(mocov2, 0, "demo-0.4"), cell_key(balanced, 0, "demo-0.4")
@@ -202,7 +202,7 @@ def test_a_grid_keeps_its_base_when_the_demo_changes(monkeypatch, tmp_path):
 def test_by_default_a_grid_varies_the_demo_as_it_ships(monkeypatch):
     """``mls study --budget demo`` on the built-in scenes: its base cell (no overrides) is ``mls pretrain``'s demo,
     setting by setting, and the lambda grid's λ = 0.25 is that demo itself; it follows the demo when it changes."""
-    from mls.train.config import PRESETS, PretrainSettings
+    from mls.train.settings import PRESETS, PretrainSettings
 
     demo = PretrainSettings.resolve({}, "demo").values()
     assert demo["extra_weight"] == 0.25 and PretrainSettings.resolve({}).values() == demo  # `mls pretrain`, no --data
@@ -220,7 +220,7 @@ def test_by_default_a_grid_varies_the_demo_as_it_ships(monkeypatch):
 def test_the_base_of_mls_0_4_is_the_demo_at_lambda_1(tmp_path):
     from typing import get_args
 
-    from mls.train.config import PretrainSettings
+    from mls.train.settings import PretrainSettings
 
     demo = PretrainSettings.resolve({}, "demo").values()
     budget = {**BUDGETS["demo"].pretrain, "data": None}
@@ -244,7 +244,7 @@ def test_stored_cells_that_name_no_base_are_found_under_the_base_of_mls_0_4(tmp_
     """results.json from before bases were recorded: its scene cells had the demo of mls 0.4 (λ = 1), so the
     stored command with --base demo-0.4 finds every one finished, and the default base (the demo) does not find
     its MLS cell; cells a call pretrains record their base."""
-    import mls.study.run as run
+    import mls.study.runner as run
 
     tiny = {**BUDGETS["tiny"].pretrain, "data": None}
     options = grid_cells("table6", BUDGETS["tiny"], only=["bce"])
@@ -291,7 +291,7 @@ def test_the_command_above_a_stored_table_finds_every_one_of_its_cells(folder):
     """docs/study's tables were measured on the demo of mls 0.4 (λ = 1): their commands say --base demo-0.4, and
     each (variant, seed) they ask for is stored under the key that command computes."""
     from mls.study.grids import GRIDS, cell_options, load_budget
-    from mls.study.run import load_results
+    from mls.study.runner import load_results
 
     path = Path(__file__).parents[1] / "docs" / "study" / folder / "results.json"
     stored = json.loads(path.read_text())
@@ -308,7 +308,7 @@ def test_the_command_above_a_stored_table_finds_every_one_of_its_cells(folder):
 
 
 def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monkeypatch):
-    import mls.study.run as run
+    import mls.study.runner as run
 
     tiny = {**BUDGETS["tiny"].pretrain, "data": None}
     options = {"paper": grid_cells("table6", BUDGETS["tiny"])["paper"], "mocov2": {"method": "mocov2"}}
@@ -330,7 +330,7 @@ def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monke
 def test_variants_of_other_grids_with_the_same_settings_reuse_a_finished_cell(tmp_path, monkeypatch):
     common = ["--seeds", "1", "--budget", "tiny", "--out", str(tmp_path), "--workers", "0"]
     main(["study", "--grid", "table6", "--only=[bce]", *common])
-    import mls.study.run as run
+    import mls.study.runner as run
 
     monkeypatch.setattr(run, "pretrain", lambda **kwargs: (_ for _ in ()).throw(AssertionError("ran again")))
     main(["study", "--grid", "table7", "--only=[both_queues]", *common])  # both_queues is table6's bce
@@ -343,7 +343,7 @@ def test_variants_of_other_grids_with_the_same_settings_reuse_a_finished_cell(tm
 
 
 def test_progress_counts_only_the_cells_left_to_pretrain(tmp_path, monkeypatch, capsys):
-    import mls.study.run as run
+    import mls.study.runner as run
 
     pretrained = []
     monkeypatch.setattr(run, "pretrain", lambda **kwargs: pretrained.append(kwargs["out"]) or tmp_path / "last.ckpt")

@@ -88,30 +88,31 @@ def test_detection_starts_from_a_pretraining_checkpoint(tmp_path):
     assert (result["arch"], result["small_stem"], result["weights"]) == ("resnet18", False, str(ckpt))
 
 
-@pytest.mark.slow
-def test_coco_with_masks_through_the_cli_trains_mask_rcnn_c4(tmp_path):
-    write_coco(tmp_path / "coco", num_images=4, image_size=64, seed=0)
-    out = tmp_path / "out"
-    main(["transfer", "detect", "--config", str(CONFIGS / "transfer_coco_cpu_smoke.yaml"), "--head", "c4",
-          "--data", str(tmp_path / "coco"), "--out", str(out), "--max-iters", "1", "--steps", "[1]",
-          "--warmup-iters", "1", "--fpn-channels", "16", "--rois-per-image", "8"])
-    result = _read_report(out)
-    assert result["protocol"] == "mask_rcnn_resnet18_c4" and result["settings"]["head"] == "c4"
-    assert [m["metric"] for m in result["metrics"]] == [
-        "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75"]
-    assert "train/loss_mask" in (out / "run0" / "metrics.csv").read_text().splitlines()[0]
+CLI_RUNS = {
+    "detect": (lambda root: write_coco(root, num_images=4, image_size=64, seed=0), "transfer_coco_cpu_smoke.yaml",
+               ["--head", "c4", "--max-iters", "1", "--steps", "[1]", "--warmup-iters", "1", "--fpn-channels", "16",
+                "--rois-per-image", "8"],
+               "mask_rcnn_resnet18_c4", ["bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75"]),
+    "segment": (lambda root: write_voc(root, num_images=8, image_size=32, seed=0), "transfer_vocseg_cpu_smoke.yaml",
+                ["--head", "pspnet", "--runs", "1", "--max-iters", "2", "--scale", "[32, 32]", "--crop-size", "32",
+                 "--inference", "whole"],
+                "pspnet_resnet18", ["mIoU", "mAcc", "aAcc"]),
+}
 
 
 @pytest.mark.slow
-def test_voc_segmentation_through_the_cli_trains_a_pspnet(tmp_path):
-    write_voc(tmp_path / "voc", num_images=8, image_size=32, seed=0)
+@pytest.mark.parametrize("command", CLI_RUNS)
+def test_the_cli_trains_coco_mask_rcnn_c4_and_a_voc_pspnet(tmp_path, command):
+    write, config, options, protocol, metrics = CLI_RUNS[command]
+    write(tmp_path / "data")
     out = tmp_path / "out"
-    main(["transfer", "segment", "--config", str(CONFIGS / "transfer_vocseg_cpu_smoke.yaml"), "--head", "pspnet",
-          "--data", str(tmp_path / "voc"), "--out", str(out), "--runs", "1", "--max-iters", "2",
-          "--scale", "[32, 32]", "--crop-size", "32", "--inference", "whole"])
+    main(["transfer", command, "--config", str(CONFIGS / config), "--data", str(tmp_path / "data"), "--out", str(out),
+          *options])
     result = _read_report(out)
-    assert result["protocol"] == "pspnet_resnet18" and result["settings"]["head"] == "pspnet"
-    assert [m["metric"] for m in result["metrics"]] == ["mIoU", "mAcc", "aAcc"]
+    assert result["protocol"] == protocol and result["settings"]["head"] == options[1]
+    assert [m["metric"] for m in result["metrics"]] == metrics
+    if command == "detect":
+        assert "train/loss_mask" in (out / "run0" / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_run_options_are_declared_once_and_unknown_heads_are_refused(tmp_path):

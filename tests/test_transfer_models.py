@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.ops import FrozenBatchNorm2d
 
-from mls.backbones import build_backbone
 from mls.data.synthetic import write_coco
+from mls.method.backbones import build_backbone
 from mls.transfer.detection import build_detector, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, collate_lists, load_detection_splits
 from mls.transfer.segmentation import build_fcn, build_segmenter, dilated, slide_logits

@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import tiny_checkpoint
 from mls import MLS
-from mls.checkpoint import save_pretrained
+from mls.checkpoints.pretrained import save_pretrained
 from mls.cli import main
 from mls.data.sources import open_source
-from mls.neighbors import Bank, nearest, queue_bank
+from mls.neighbor_search import Bank, nearest, queue_bank
 from mls.viz.neighbors import Layout, neighbors
 
 NUM_IMAGES, SIZE, TILE = 40, 32, 64  # 32 px images in 64 px tiles: every box edge lands on a whole pixel
@@ -35,13 +36,13 @@ def tiny_model(**kwargs):
 
 def checkpoint_with_queue(path, entries=24):
     """A checkpoint whose queue holds ``entries`` of the 32 rows, with known images and boxes."""
-    model, args = tiny_model()
-    e = torch.arange(entries)
-    model.queue.push(g=F.normalize(torch.randn(entries, model.feature_dim), dim=1), z=torch.randn(entries, 16),
-                     index=torch.tensor([entry_index(i) for i in e]),
-                     box=torch.tensor([entry_box(i) for i in e], dtype=torch.float32))
-    save_pretrained(path, model, {"model": args, "data": DATA})
-    return model
+    def fill(model):
+        e = torch.arange(entries)
+        model.queue.push(g=F.normalize(torch.randn(entries, model.feature_dim), dim=1), z=torch.randn(entries, 16),
+                         index=torch.tensor([entry_index(i) for i in e]),
+                         box=torch.tensor([entry_box(i) for i in e], dtype=torch.float32))
+
+    return tiny_checkpoint(path, DATA, prepare=fill, small_stem=True, queue_size=32, topk=5, dim=16, store_g=True)
 
 
 @pytest.fixture(scope="module")

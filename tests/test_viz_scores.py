@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mls import MLS
-from mls.checkpoint import save_pretrained
+from mls.checkpoints.pretrained import save_pretrained
 from mls.cli import main
 from mls.data.sources import open_source
 from mls.viz.scores import score_histograms

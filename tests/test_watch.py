@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mls.train.watch as watch
 from conftest import TINY
-from mls.health import queue_health
+from mls.method.health import queue_health
 from mls.train import pretrain
 
 REPLAY = Path(__file__).parents[1] / "docs" / "study" / "watch" / "replay.json"

@@ -1,6 +1,6 @@
 """MLS: Multi-Label Self-supervised learning with scene images (Zhu, Fu, Wu, ICCV 2023).
 
-The method itself — model, queues, pseudo-label selection and losses — needs only
+The method itself (``mls.method``: model, queues, pseudo-label selection and losses) needs only
 torch and torchvision::
 
     from mls import MLS, MLSConfig
@@ -8,11 +8,7 @@ torch and torchvision::
     out = model(x1, x2, {"index": idx, "box": box2})
     out["loss"].backward()
 """
-from mls.config import MLSConfig
-from mls.losses import bce, bce_pos, infonce, knn_softmax
-from mls.model import MLS
-from mls.queue import FeatureQueue
-from mls.selection import select_topk
+from mls.method import MLS, FeatureQueue, MLSConfig, bce, bce_pos, infonce, knn_softmax, select_topk
 
 __version__ = "0.7.0"
 __all__ = ["MLS", "MLSConfig", "FeatureQueue", "select_topk", "infonce", "bce", "bce_pos", "knn_softmax"]

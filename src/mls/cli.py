@@ -19,12 +19,12 @@ from mls.files import CheckpointNotWritten
 
 def _commands() -> dict:
     """Sub-commands, imported here so that ``import mls.cli`` stays light."""
+    from mls.checkpoints.export import export
     from mls.data.sharding import shard
     from mls.data.synthetic import synth
     from mls.eval.commands import finetune, knn, linear
-    from mls.export import export
     from mls.study import study
-    from mls.train.run import pretrain_command
+    from mls.train.commands import pretrain_command
     from mls.transfer.commands import detect, segment
     from mls.viz.curves import plot
     from mls.viz.neighbors import neighbors
@@ -55,7 +55,7 @@ def _underscore_options(argv: list[str]) -> list[str]:
 
 
 # What bad input raises (a missing or unwritable path, an impossible setting, an unreadable checkpoint
-# (mls.checkpoint.UnreadableCheckpoint, a ValueError), a checkpoint that could not be written): the
+# (mls.checkpoints.pretrained.UnreadableCheckpoint, a ValueError), a checkpoint that could not be written): the
 # message is the point.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, CheckpointNotWritten)

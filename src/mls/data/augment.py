@@ -10,9 +10,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
-from mls.config import setting
 from mls.data.images import UnreadableImage
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
+from mls.method.settings import setting
 
 
 class View(NamedTuple):

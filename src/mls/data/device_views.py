@@ -24,8 +24,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms.v2 import functional as F
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.data.augment import MoCoV2View, blur_kernel_size
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 JITTER_RANGE = 0.4  # MoCo-v2's brightness, contrast and saturation: factors uniform in [0.6, 1.4]
 IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing

@@ -10,22 +10,22 @@ from functools import partial
 
 import torch
 
-from mls.checkpoint import backbone_info
+from mls.checkpoints.pretrained import backbone_info
 from mls.eval import finetune as finetuning
 from mls.eval.datasets import DATASETS, load_dataset
 from mls.eval.metrics import average_precision, classification_metrics
-from mls.eval.protocols import Task, knn_classify, linear_probe
-from mls.eval.report import summarise, write_report
+from mls.eval.probes import Task, knn_classify, linear_probe
+from mls.eval.results import summarise, write_report
 
 FEATURE_BATCH = 256  # batch of feature extraction and of the linear probe when --batch-size is not given
 SYNTHETIC_SIZE = 64  # size of the generated images when neither --image-size nor the checkpoint gives one
-WORKERS = min(4, os.cpu_count() or 1)  # data-loading processes by default: the machine's cores, at most 4
+MAX_WORKERS = 4  # data-loading processes by default: the machine's cores, at most this many
 
 
 def evaluate(name: str, protocol, settings: dict, default_batch: int, weights: str = "random",
              dataset: str = "synthetic", data: str | None = None, runs: int = 2, batch_size: int | None = None,
              image_size: int | None = None, arch: str | None = None, small_stem: bool | None = None,
-             workers: int = WORKERS, out: str | None = None, seed: int = 0, synthetic_images: int = 512) -> dict:
+             workers: int | None = None, out: str | None = None, seed: int = 0, synthetic_images: int = 512) -> dict:
     """Run ``protocol(task, seed)`` for seeds seed..seed+runs-1, then write and print mean and std of its metrics.
 
     Args:
@@ -55,7 +55,7 @@ def evaluate(name: str, protocol, settings: dict, default_batch: int, weights: s
     recipe = finetuning.RECIPES[dataset]
     size = image_size or recipe.image_size or info.get("image_size") or SYNTHETIC_SIZE
     task = Task(weights, info["arch"], info["small_stem"], load_dataset(dataset, data, size, synthetic_images),
-                size, batch_size or default_batch, workers)
+                size, batch_size or default_batch, min(MAX_WORKERS, os.cpu_count() or 1) if workers is None else workers)
     seeds = [seed + r for r in range(runs)]
     outputs = [protocol(task, s) for s in seeds]
     per_run = [classification_metrics(*o, task.data.multilabel, voc07=dataset == "voc07") for o in outputs]

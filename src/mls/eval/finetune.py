@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mls.eval.datasets import DATASETS, Transformed
-from mls.eval.protocols import Task, classification_loss
+from mls.eval.probes import Task, classification_loss
 from mls.eval.transforms import test_transform, train_transform
 
 
@@ -39,10 +39,12 @@ class Recipe:
 
 SMALL_SINGLE_LABEL = ("cub200", "flowers102", "cars", "aircraft", "pets", "dtd", "indoor67")
 
-RECIPES = {name: Recipe() for name in DATASETS}
-RECIPES.update({name: Recipe(epochs=120) for name in SMALL_SINGLE_LABEL})  # main paper §4
-RECIPES["coco"] = Recipe(epochs=40)
-RECIPES["synthetic"] = Recipe(image_size=None, epochs=30, lr=0.05)
+RECIPES = {
+    **{name: Recipe() for name in DATASETS},
+    **{name: Recipe(epochs=120) for name in SMALL_SINGLE_LABEL},  # main paper §4
+    "coco": Recipe(epochs=40),
+    "synthetic": Recipe(image_size=None, epochs=30, lr=0.05),
+}
 
 
 class FineTuner(L.LightningModule):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 def train_transform(size: int) -> T.Compose:

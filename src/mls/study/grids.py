@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 
-from mls.train.config import PretrainSettings
+from mls.train.settings import PretrainSettings
 
 PAPER_K_OVER_D = 20 / 4096  # k = 20 of D = 4,096 (§4.1)
 PAPER_D_OVER_N = 4096 / 118_287  # D = 4,096 for COCO train2017's images

@@ -1,6 +1,7 @@
 """The Lightning module that pretrains an ``MLS`` model: optimiser, schedule and logs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -9,10 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 import mls
-from mls.config import MLSConfig, from_dict
-from mls.model import MLS
-from mls.neighbors import step_label_precision
-from mls.train.config import TrainConfig
+from mls.method.model import MLS
+from mls.neighbor_search import step_label_precision
+from mls.train.settings import PretrainSettings
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -37,20 +37,23 @@ def extra_weight_factor(epoch: float, start: float, ramp: float) -> float:
 class PretrainModule(L.LightningModule):
     """SGD with momentum, warm-up + cosine schedule stepped every iteration, λ's schedule, one log per term.
 
-    ``model``, ``train`` and ``view`` are the run's ``MLSConfig``, ``TrainConfig`` and ``ViewConfig`` as
-    dicts (stored in the checkpoint as they are); ``train_config`` holds the ``TrainConfig`` itself. The
-    learning-rate schedule spans every epoch of the run, so a run stopped early and resumed follows the
-    same rates as one that ran straight through. ``data`` describes the training data (for the figures);
-    ``labels`` — the data set's multi-hot table when known — turns on the pseudo-label precision log.
+    ``settings`` are the run's (``PretrainSettings``); the checkpoint stores them as plain dicts (``model``,
+    ``train``, ``view``: what every version of mls wrote and reads), with ``steps_per_epoch``, ``total_batch``,
+    ``data`` and ``mls_version``. The learning-rate schedule spans every epoch of the run, so a run stopped
+    early and resumed follows the same rates as one that ran straight through. ``data`` describes the
+    training data (for the figures); ``labels`` — the data set's multi-hot table when known — turns on the
+    pseudo-label precision log.
     """
 
-    def __init__(self, model: dict, train: dict, view: dict | None = None, steps_per_epoch: int = 1,
-                 total_batch: int = 256, data: dict | None = None, labels: torch.Tensor | None = None,
-                 mls_version: str = mls.__version__):
+    def __init__(self, settings: PretrainSettings, steps_per_epoch: int = 1, total_batch: int = 256,
+                 data: dict | None = None, labels: torch.Tensor | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["labels"])
-        self.model = MLS(MLSConfig(**model))
-        self.train_config = t = from_dict(TrainConfig, train)  # typed; the checkpoint keeps the dict
+        self.save_hyperparameters({
+            "model": dataclasses.asdict(settings.model), "train": dataclasses.asdict(settings.train),
+            "view": dataclasses.asdict(settings.view), "steps_per_epoch": steps_per_epoch,
+            "total_batch": total_batch, "data": data, "mls_version": mls.__version__})
+        self.model = MLS(settings.model)
+        self.train_config = t = settings.train
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if t.compile:  # checkpoints with and without compile are interchangeable
@@ -116,7 +119,7 @@ class PretrainModule(L.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this step's logs (every ``log_every`` steps): the health measures
-        (``mls.health``) are computed only then."""
+        (``mls.method.health``) are computed only then."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return connector is None or connector.should_update_logs  # outside a trainer: always
 

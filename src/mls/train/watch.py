@@ -1,4 +1,4 @@
-"""A run that notices: the health measures (``mls.health``) read at each log step, each condition reported
+"""A run that notices: the health measures (``mls.method.health``) read at each log step, each condition reported
 when it sets in and again when it clears, in the log, the progress bar and the run's summary, or a stop
 (``--on-collapse stop``). Reading them costs one host sync per log step, where Lightning already syncs to
 write the logs.

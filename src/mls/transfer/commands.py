@@ -2,7 +2,7 @@
 
 Each protocol's paper schedule is the default (``DETECTION``, ``SEGMENTATION``); every option overrides
 it, and ``--config configs/transfer_*.yaml`` sets several at once. Every option is declared once, as a
-documented dataclass field: the model's and the protocol's in ``mls.transfer.protocols``, those both
+documented dataclass field: the model's and the protocol's in ``mls.transfer.settings``, those both
 commands share (weights, hardware, output, seed) in ``RunOptions``. Under ``torchrun`` every process trains
 (DDP, SyncBatchNorm); the first one evaluates and writes the report.
 """
@@ -17,11 +17,13 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from mls.checkpoint import backbone_info, load_backbone
-from mls.eval.report import summarise, write_report
+from mls.checkpoints.pretrained import backbone_info, load_backbone
+from mls.eval.results import summarise, write_report
 from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, DetectionSplits, collate_lists, load_detection_splits
-from mls.transfer.protocols import (
+from mls.transfer.segmentation import DILATABLE, build_segmenter, evaluate_segmentation, segmentation_losses
+from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, segmentation_train_transform
+from mls.transfer.settings import (
     DETECTION,
     SEGMENTATION,
     DetectionModel,
@@ -29,8 +31,6 @@ from mls.transfer.protocols import (
     SegmentationModel,
     SegmentationProtocol,
 )
-from mls.transfer.segmentation import DILATABLE, build_segmenter, evaluate_segmentation, segmentation_losses
-from mls.transfer.segmentation_data import SegmentationPairs, segmentation_splits, segmentation_train_transform
 from mls.transfer.training import RunOptions, TransferModule, TransferOptions, per_device_batch, poly, warmup_multistep
 
 DETECT_OPTIONS = TransferOptions(DetectionModel, DETECTION, "--format")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from mls.backbones import IMAGENET_MEAN, IMAGENET_STD
+from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
 from mls.transfer.detection_data import read_voc_xml, voc_class_names, voc_sets
 
 SEGMENTATION_DATASETS = ("cityscapes", "voc-seg")

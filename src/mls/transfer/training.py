@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from mls.config import check, setting
-from mls.options import flat_options, split_options
+from mls.command_options import flat_options, split_options
+from mls.method.settings import check, field_doc, setting
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 
@@ -180,7 +180,7 @@ class TransferOptions:
         for name, protocol in self.protocols.items():
             names_by_value.setdefault(_shown(getattr(protocol, f.name)), []).append(name)
         defaults = "; ".join(f"{', '.join(names)}: {value}" for value, names in names_by_value.items())
-        return f"{f.metadata['doc']} [{defaults}]"
+        return f"{field_doc(f)} [{defaults}]"
 
     def options(self, fn: Callable) -> Callable:
         """Give ``fn(..., **options)`` one keyword option per field of the model (with its default), then of the

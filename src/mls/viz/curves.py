@@ -97,16 +97,22 @@ def panel_order(names: list[str]) -> list[list[str]]:
     return list(panels.values())
 
 
+def agg_figure(**options):
+    """A matplotlib ``Figure`` drawn by the Agg canvas (``options``: ``figsize``, ``dpi``): no pyplot, so no
+    global backend chosen and no figure left open."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**options)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def plot_curves(metrics: str | Path, out: str | Path, columns: int = PANEL_COLUMNS) -> list[str]:
     """Draw one panel per logged quantity and save the figure; return the plotted column names.
 
     Each panel is ``PANEL_INCHES`` at ``DPI``, so the image is ``columns`` x rows panels in size.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ensure_writable(out)
     paths = find_metrics(metrics)
     series = read_metrics(*paths)
@@ -115,8 +121,8 @@ def plot_curves(metrics: str | Path, out: str | Path, columns: int = PANEL_COLUM
         raise ValueError(f"{str(paths[-1])!r} has no metric columns besides {', '.join(AXES)}")
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, squeeze=False,
-                             figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI)
+    fig = agg_figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI)
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax, members in zip(axes.flat, panels):
         for name in members:
             xs, ys = zip(*series[name])
@@ -132,7 +138,6 @@ def plot_curves(metrics: str | Path, out: str | Path, columns: int = PANEL_COLUM
         ax.set_visible(False)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format=Path(out).suffix.lstrip(".") or "png"))
-    plt.close(fig)
     return [name for members in panels for name in members]
 
 

@@ -3,7 +3,7 @@
 Each row shows the query image with its crop in red, then its k neighbours, each drawn as
 its source image with the crop that produced the entry in yellow. The search (the paper's label
 selection: cosine similarity of ``ĝ1`` to ``Q_g``), what it reads from the checkpoint and the neighbour
-precision live in ``mls.neighbors``; this module draws what it found and holds the command.
+precision live in ``mls.neighbor_search``; this module draws what it found and holds the command.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mls.files import atomic_write, ensure_writable
-from mls.neighbors import Query, dataset_bank, neighbor_precision, open_pretrained, search
+from mls.neighbor_search import Query, dataset_bank, neighbor_precision, open_pretrained, search
 
 RED, YELLOW = (255, 0, 0), (255, 255, 0)
 MATCH, MISS = (0, 170, 0), (150, 0, 150)

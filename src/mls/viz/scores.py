@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mls.files import atomic_write, ensure_writable
-from mls.neighbors import Bank, crop_view, embed_boxes, open_pretrained
-from mls.selection import cosine_similarity
-from mls.viz.curves import DPI
+from mls.method.selection import cosine_similarity
+from mls.neighbor_search import Bank, crop_view, embed_boxes, open_pretrained
+from mls.viz.curves import DPI, agg_figure
 
 NETWORKS = ("before", "after")
 KINDS = {"backbone": "backbone scores ĝ1·Q_gᵀ", "mlp": "MLP scores z1·Q_zᵀ"}
@@ -92,11 +92,7 @@ def kth_largest(scores: Tensor, k: int) -> float | None:
 
 def draw(queries: list[QueryScores], k: int, bins: int, labels: dict[str, str]):
     """One row per query: backbone scores, MLP scores; before and after overlaid as densities, thresholds dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(SCORE_PANEL_INCHES[0] * 2, SCORE_PANEL_INCHES[1] * len(queries)), dpi=DPI)
-    FigureCanvasAgg(figure)
+    figure = agg_figure(figsize=(SCORE_PANEL_INCHES[0] * 2, SCORE_PANEL_INCHES[1] * len(queries)), dpi=DPI)
     axes = figure.subplots(len(queries), 2, squeeze=False)
     for row, q in zip(axes, queries):
         for ax, kind in zip(row, KINDS):
@@ -140,7 +136,7 @@ def before_network_and_queries(model: nn.Module, before: str, source, query_inde
                  crop_size: int) -> tuple[nn.Module, list[int], Tensor]:
     """Under ``seed`` (the global random state left as it was): the network before pretraining, the query
     images (``query_index``, else ``queries`` at random) and one random-resized crop box of each."""
-    from mls.checkpoint import load_pretrained
+    from mls.checkpoints.pretrained import load_pretrained
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

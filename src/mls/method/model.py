@@ -8,7 +8,7 @@ For each query ``x1`` and its key view ``x2``:
    ``θk ← m·θk + (1−m)·θq``, then gives ``g2``, ``z2`` without gradient.
 3. InfoNCE scores ``z1`` against its key ``z2`` and the keys of ``Q_z`` (MoCo-v2).
 4. MLS (``method="mls"``): the top-k entries of ``ĝ1·Q_gᵀ`` are the positive pseudo-labels ``y``,
-   and the extra loss (BCE, Eq. 9) scores ``p = z1·Q_zᵀ`` against ``y``; the total is
+   and the extra loss (BCE, Eq. 9, or another of ``mls.method.extra_losses``) scores ``p = z1·Q_zᵀ`` against ``y``; the total is
    ``L_InfoNCE + λ·L_extra`` (main paper Eq. 10).
 5. ``ĝ2``, ``z2`` and where view 2 came from are pushed into the queues, in the same order.
 """
@@ -21,18 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mls import distributed, health
-from mls.backbones import build_backbone, projection_head
-from mls.config import MLSConfig
-from mls.losses import EXTRA_LOSSES, infonce_from_logits
-from mls.queue import FeatureQueue
-from mls.selection import labels_from_indices, topk_indices
+from mls.method import distributed, health
+from mls.method.backbones import build_backbone, projection_head
+from mls.method.extra_losses import EXTRA_LOSSES
+from mls.method.losses import infonce_from_logits
+from mls.method.queue import FeatureQueue
+from mls.method.selection import labels_from_indices, topk_indices
+from mls.method.settings import MLSConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MLS(nn.Module):
-    """MoCo-v2 or MLS with a torchvision backbone; settings in ``MLSConfig`` (``mls.config``).
+    """MoCo-v2 or MLS with a torchvision backbone; settings in ``MLSConfig`` (``mls.method.settings``).
 
     ``MLS(config)`` or ``MLS(arch="resnet18", topk=5, ...)`` with ``MLSConfig``'s field names.
     """
@@ -53,13 +54,14 @@ class MLS(nn.Module):
             fields["g"] = ((feature_dim,), TORCH_DTYPES[cfg.queue_g_dtype])
         self.queue = FeatureQueue(cfg.queue_size, fields)
 
-        # The extra loss of Table 6, built once with its temperature, balance and logit bias.
-        options = {"balanced": cfg.bce_balanced} if cfg.mls_loss == "bce" else {}
+        # The extra loss of Table 6 (its registry entry), built once with its temperature, options and logit bias.
+        self.extra = EXTRA_LOSSES[cfg.mls_loss]
+        options = self.extra.options(cfg)
         if cfg.logit_bias != "none":
             # b = log(k/(D−k)), learned (from that start) or fixed; stored either way, so checkpoints carry it
             self.logit_bias = nn.Parameter(torch.tensor(cfg.prior_logit), requires_grad=cfg.logit_bias == "learned")
             options["bias"] = self.logit_bias
-        self.extra_loss = partial(EXTRA_LOSSES[cfg.mls_loss], tau=cfg.extra_temperature, **options)
+        self.extra_loss = partial(self.extra.loss, tau=cfg.extra_temperature, **options)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(query, key) modules updated by momentum: backbone and MLP (supplement A.2)."""
@@ -114,7 +116,7 @@ class MLS(nn.Module):
         of view 2, stored beside the keys. ``extra_weight`` is λ for this step (a trainer's warm-up
         or ramp; a tensor is fine); ``None`` takes the configured λ. Returns ``loss`` (to
         minimise), ``loss_infonce``, ``loss_extra`` and the diagnostics of ``selection_stats``; with
-        ``diagnose``, also ``health``: the measures of ``mls.health`` on the queues as this step saw them.
+        ``diagnose``, also ``health``: the measures of ``mls.method.health`` on the queues as this step saw them.
         """
         cfg = self.config
         g1, z1 = self.encode_query(x1)
@@ -154,15 +156,16 @@ class MLS(nn.Module):
     @torch.no_grad()
     def health(self, q: Tensor, k: Tensor, l_neg: Tensor, labels: Tensor | None, valid: Tensor,
                negatives: Tensor) -> dict[str, Tensor]:
-        """``mls.health``'s measures for one step: the spread of ``Q_z`` (and ``Q_g``), alignment, and the
+        """``mls.method.health``'s measures for one step: the spread of ``Q_z`` (and ``Q_g``), alignment, and the
         gradient on ``z1`` of InfoNCE and of the extra loss's positive and negative terms (λ not applied)."""
         cfg = self.config
         out = health.queue_health(self.queue["z"], valid, self.queue["g"] if "g" in self.queue else None)
         extra = None
         if labels is not None and cfg.logits_from == "z":  # with logits from Q_g the extra loss moves g1, not z1
-            bias = self.logit_bias.detach() if cfg.logit_bias != "none" else 0.0
-            extra = health.logit_grads(cfg.mls_loss, l_neg, labels, cfg.extra_temperature, valid,
-                                       balanced=cfg.bce_balanced, bias=bias)
+            options = self.extra.options(cfg)
+            if cfg.logit_bias != "none":
+                options["bias"] = self.logit_bias.detach()
+            extra = self.extra.logit_grads(l_neg, labels, cfg.extra_temperature, valid, **options)
         out.update(health.step_forces(q, k, self.queue["z"], l_neg, cfg.tau, valid, negatives, extra, labels,
                                       cfg.extra_temperature))
         return out

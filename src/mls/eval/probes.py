@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mls.checkpoint import load_backbone
+from mls.checkpoints.pretrained import load_backbone
 from mls.eval.datasets import EvalData, Transformed
 from mls.eval.features import extract_features
 from mls.eval.metrics import IGNORE

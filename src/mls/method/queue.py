@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mls.distributed import gather
+from mls.method.distributed import gather
 
 
 class FeatureQueue(nn.Module):

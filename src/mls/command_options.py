@@ -4,7 +4,7 @@
 and docs are the fields of settings dataclasses: each setting is declared once, in its dataclass.
 ``split_options`` hands the options a command was given back to their dataclasses. ``typed_dict_source``
 writes those options out as a ``TypedDict``, for a function that takes them as ``**options`` to declare its
-keywords to type checkers and editors (``mls.train.options.PretrainOptions``).
+keywords to type checkers and editors (``mls.train.pretrain_options.PretrainOptions``).
 """
 from __future__ import annotations
 
@@ -16,18 +16,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-# The default of a field that has none: every preset (e.g. each data set's protocol) gives its own value.
-NO_DEFAULT: Any = dataclasses.MISSING
-
-
-def option_field(default: Any, doc: str, as_type: Any = None) -> Any:
-    """A dataclass field with its one-line ``doc`` (the option's help) and ``default`` (``NO_DEFAULT``: none).
-
-    ``as_type`` is the option's type where it is not the field's: ``list[int]`` for a ``tuple[int, ...]``
-    field, since YAML and JSON write lists (``split_options`` gives the tuple back).
-    """
-    metadata = {"doc": doc} if as_type is None else {"doc": doc, "type": as_type}
-    return dataclasses.field(default=default, metadata=metadata)
+from mls.method.settings import field_doc, field_type
 
 
 def flat_options(fn: Callable, groups: tuple[type, ...], unset_is_none: bool = False,
@@ -37,7 +26,7 @@ def flat_options(fn: Callable, groups: tuple[type, ...], unset_is_none: bool = F
     ``unset_is_none``: every option defaults to ``None`` (the function fills it, e.g. from a preset) and
     accepts ``None``; else each takes its field's default. ``describe(field)`` writes an option's help
     (default: the field's doc). The lines join the ``Args:`` section of ``fn``'s docstring. A field's
-    ``metadata["type"]`` (see ``option_field``) replaces its type as the option's. Applied again to the
+    ``field_type`` (``mls.method.settings``) is the option's type. Applied again to the
     function it returns, it appends the options of further groups (each with its own ``unset_is_none``).
     """
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
@@ -45,11 +34,11 @@ def flat_options(fn: Callable, groups: tuple[type, ...], unset_is_none: bool = F
     for group in groups:
         types = typing.get_type_hints(group)
         for f in dataclasses.fields(group):
-            option_type = f.metadata.get("type", types[f.name])
+            option_type = field_type(f, types)
             annotation = typing.Optional[option_type] if unset_is_none else option_type  # noqa: UP045 (built at run time)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=None if unset_is_none else f.default, annotation=annotation))
-            lines.append(f"    {f.name}: {describe(f) if describe else f.metadata['doc']}.\n")
+            lines.append(f"    {f.name}: {describe(f) if describe else field_doc(f)}.\n")
     doc = inspect.cleandoc(fn.__doc__ or "")
     fn.__signature__ = inspect.signature(fn).replace(parameters=params)
     fn.__doc__ = doc + ("\n" if "Args:" in doc else "\n\nArgs:\n") + "".join(lines)
@@ -100,7 +89,7 @@ def type_source(t: Any) -> str:
 
 def typed_dict_source(name: str, groups: tuple[type, ...], doc: str) -> str:
     """The source of ``class NAME(TypedDict, total=False)`` with one key per field of ``groups``, of its option
-    type or None (a field's ``metadata["type"]`` where it has one, as ``flat_options`` takes it): the options
+    type or None (a field's ``field_type``, as ``flat_options`` takes it): the options
     that ``flat_options(fn, groups, unset_is_none=True)`` gives ``fn``, for ``def fn(**options: Unpack[NAME])``.
 
     Each group's keys follow a comment naming it; the module holding the class imports ``Literal`` and
@@ -111,7 +100,7 @@ def typed_dict_source(name: str, groups: tuple[type, ...], doc: str) -> str:
         hints = typing.get_type_hints(group)
         lines += ["", f"    # {group.__module__}.{group.__name__}"]
         for f in dataclasses.fields(group):
-            option_type = f.metadata.get("type", hints[f.name])
+            option_type = field_type(f, hints)
             none = "" if type(None) in _members(option_type) else " | None"
             lines.append(f"    {f.name}: {type_source(option_type)}{none}")
     return "\n".join(lines) + "\n"

@@ -1,11 +1,11 @@
 """``PretrainOptions``: the keyword options of ``mls.train.pretrain``, typed for editors and type checkers.
 
-One key per field of ``mls.train.config.SETTINGS`` (``MLSConfig``, ``ViewConfig``, ``TrainConfig``), of the
+One key per field of ``mls.train.settings.SETTINGS`` (``MLSConfig``, ``ViewConfig``, ``TrainConfig``), of the
 field's type or None; a key left out or None takes the preset's value. The settings are declared in those
 dataclasses; the class below is written from them by ``pretrain_options_source()`` and never edited by hand.
 After adding, renaming or retyping a setting, replace the class with what
 
-    python -c "from mls.train.options import pretrain_options_source as s; print(s())"
+    python -c "from mls.train.pretrain_options import pretrain_options_source as s; print(s())"
 
 prints (tests/test_pretrain_options.py fails, showing that text, until the two agree).
 """
@@ -15,9 +15,9 @@ _DOC = "The settings ``mls.train.pretrain`` takes as keywords (left out or None:
 
 
 def pretrain_options_source() -> str:
-    """The source of ``PretrainOptions`` as the fields of ``SETTINGS`` declare it (see ``mls.options.typed_dict_source``)."""
-    from mls.options import typed_dict_source
-    from mls.train.config import SETTINGS
+    """The source of ``PretrainOptions`` as the fields of ``SETTINGS`` declare it (``mls.command_options``)."""
+    from mls.command_options import typed_dict_source
+    from mls.train.settings import SETTINGS
 
     return typed_dict_source("PretrainOptions", SETTINGS, _DOC)
 
@@ -26,7 +26,7 @@ def pretrain_options_source() -> str:
 class PretrainOptions(TypedDict, total=False):
     """The settings ``mls.train.pretrain`` takes as keywords (left out or None: the preset's value)."""
 
-    # mls.config.MLSConfig
+    # mls.method.settings.MLSConfig
     arch: str | None
     small_stem: bool | None
     method: Literal["mocov2", "mls"] | None
@@ -54,7 +54,7 @@ class PretrainOptions(TypedDict, total=False):
     grayscale_p: float | None
     blur: bool | None
 
-    # mls.train.config.TrainConfig
+    # mls.train.settings.TrainConfig
     data: str | None
     annotations: str | None
     num_images: int | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mls.options import NO_DEFAULT, option_field
+from mls.method.settings import NO_DEFAULT, setting
 from mls.transfer.detection import DETECTION_HEADS
 from mls.transfer.segmentation import SEGMENTATION_HEADS
 from mls.transfer.training import check_positive
@@ -26,13 +26,13 @@ def _check_head(head: str, heads: tuple[str, ...]) -> None:
 class DetectionModel:
     """The detector built on the pretrained backbone (detectron2's sizes by default)."""
 
-    head: Literal["fpn", "c4"] = option_field(
+    head: Literal["fpn", "c4"] = setting(
         "fpn", "fpn (R-FPN) or c4 (R-C4: RPN and RoIAlign on res4, layer4 as the box head, as detectron2's R50-C4 "
                "and MoCo's VOC protocol)")
-    fpn_channels: int = option_field(
+    fpn_channels: int = setting(
         256, "width of the FPN and of the heads' convolutions, with c4 the mask head's (detectron2: 256; less for "
              "CPU smoke runs)")
-    rois_per_image: int = option_field(512, "proposals sampled per image to train the box head (detectron2: 512)")
+    rois_per_image: int = setting(512, "proposals sampled per image to train the box head (detectron2: 512)")
 
     def __post_init__(self):
         _check_head(self.head, DETECTION_HEADS)
@@ -43,16 +43,16 @@ class DetectionModel:
 class DetectionProtocol:
     """A detectron2-style schedule: SGD, linear warm-up, x0.1 at ``steps``; multi-scale training sizes."""
 
-    runs: int = option_field(NO_DEFAULT, "fine-tuning runs averaged in the report")
-    max_iters: int = option_field(NO_DEFAULT, "training iterations")
-    steps: tuple[int, ...] = option_field(NO_DEFAULT, "iterations where the learning rate drops x0.1", list[int])
-    warmup_iters: int = option_field(NO_DEFAULT, "iterations of linear warm-up from 0.001 x lr")
-    batch_size: int = option_field(16, "images per iteration over all GPUs")
-    lr: float = option_field(0.02, "base learning rate of SGD, momentum 0.9")
-    weight_decay: float = option_field(1e-4, "weight decay, none on normalisation layers")
-    image_size: int = option_field(NO_DEFAULT, "shorter image side at test time")
-    train_sizes: tuple[int, ...] = option_field(NO_DEFAULT, "shorter sides drawn at random in training", list[int])
-    max_size: int = option_field(1333, "longest image side")
+    runs: int = setting(NO_DEFAULT, "fine-tuning runs averaged in the report")
+    max_iters: int = setting(NO_DEFAULT, "training iterations")
+    steps: tuple[int, ...] = setting(NO_DEFAULT, "iterations where the learning rate drops x0.1", list[int])
+    warmup_iters: int = setting(NO_DEFAULT, "iterations of linear warm-up from 0.001 x lr")
+    batch_size: int = setting(16, "images per iteration over all GPUs")
+    lr: float = setting(0.02, "base learning rate of SGD, momentum 0.9")
+    weight_decay: float = setting(1e-4, "weight decay, none on normalisation layers")
+    image_size: int = setting(NO_DEFAULT, "shorter image side at test time")
+    train_sizes: tuple[int, ...] = setting(NO_DEFAULT, "shorter sides drawn at random in training", list[int])
+    max_size: int = setting(1333, "longest image side")
 
     def __post_init__(self):
         check_positive(lr=self.lr, image_size=self.image_size, max_size=self.max_size,
@@ -73,7 +73,7 @@ DETECTION = {
 class SegmentationModel:
     """The segmentation head on the (dilated) pretrained backbone."""
 
-    head: Literal["fcn", "pspnet"] = option_field(
+    head: Literal["fcn", "pspnet"] = setting(
         "fcn", "fcn (mmseg's fcn_r50-d8) or pspnet (pspnet_r50-d8: pyramid pooling, bins 1, 2, 3, 6)")
 
     def __post_init__(self):
@@ -84,20 +84,20 @@ class SegmentationModel:
 class SegmentationProtocol:
     """An mmsegmentation FCN-D8 schedule: SGD, poly decay to ``min_lr``, random rescale and crop."""
 
-    runs: int = option_field(3, "fine-tuning runs averaged in the report")
-    max_iters: int = option_field(NO_DEFAULT, "training iterations")
-    batch_size: int = option_field(NO_DEFAULT, "images per iteration over all GPUs")
-    lr: float = option_field(0.01, "base learning rate of SGD, momentum 0.9, poly decay with power 0.9")
-    min_lr: float = option_field(1e-4, "learning rate at the end of the poly decay")
-    weight_decay: float = option_field(5e-4, "weight decay")
-    scale: tuple[int, int] = option_field(
+    runs: int = setting(3, "fine-tuning runs averaged in the report")
+    max_iters: int = setting(NO_DEFAULT, "training iterations")
+    batch_size: int = setting(NO_DEFAULT, "images per iteration over all GPUs")
+    lr: float = setting(0.01, "base learning rate of SGD, momentum 0.9, poly decay with power 0.9")
+    min_lr: float = setting(1e-4, "learning rate at the end of the poly decay")
+    weight_decay: float = setting(5e-4, "weight decay")
+    scale: tuple[int, int] = setting(
         NO_DEFAULT, "(height, width) images are fitted into before the random ratio, and at test time", list[int])
-    crop_size: int = option_field(NO_DEFAULT, "side of the square training crops")
-    ratio_range: tuple[float, float] = option_field(
+    crop_size: int = setting(NO_DEFAULT, "side of the square training crops")
+    ratio_range: tuple[float, float] = setting(
         (0.5, 2.0), "range of the random rescaling ratio in training", list[float])
-    inference: Literal["slide", "whole"] = option_field(
+    inference: Literal["slide", "whole"] = setting(
         NO_DEFAULT, "slide (crop_size windows, stride apart, logits averaged) or whole image")
-    stride: int = option_field(NO_DEFAULT, "stride of the sliding windows")
+    stride: int = setting(NO_DEFAULT, "stride of the sliding windows")
 
     def __post_init__(self):
         if len(self.scale) != 2 or len(self.ratio_range) != 2:

@@ -11,9 +11,10 @@ the logits ``p = z1·Q_zᵀ`` and the pseudo-labels ``y``), computed on the devi
   ``σ`` of a set of embeddings, from 1 (one direction) to their dimension;
 - ``spread``: lightly's collapse check, the std over rows of L2-normalised embeddings, times √d so
   that 0 is collapsed and 1 is spread evenly over the sphere;
-- ``logit_grads``: the gradient of the extra loss on its logits ``p`` in closed form, e.g. for Eq. 9
-  ``∂L/∂pᵢ = (σ(pᵢ/τ) − yᵢ) / (τ·D)``; times ``Q_z`` it is the gradient on ``z1``, split into the part
-  from the positive terms and the part from the negative terms (no second backward pass).
+- ``step_forces``: the gradient on ``z1`` of InfoNCE and of the extra loss, the latter from its gradient on
+  its logits ``p`` in closed form (each extra loss's ``logit_grads`` in ``mls.method.extra_losses``, e.g. for
+  Eq. 9 ``∂L/∂pᵢ = (σ(pᵢ/τ) − yᵢ) / (τ·D)``) times ``Q_z``, split into the part from the positive terms and
+  the part from the negative terms (no second backward pass).
 """
 from __future__ import annotations
 
@@ -79,36 +80,6 @@ def spread(bank: Tensor, valid: Tensor) -> Tensor:
     return var.sqrt().mean() * math.sqrt(x.shape[1])
 
 
-def logit_grads(loss: str, logits: Tensor, labels: Tensor, tau: float, valid: Tensor,
-                balanced: bool = False, bias: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
-    """``∂ℓ/∂p`` (N x D) of one query's extra loss on its logits, from its positive and from its negative terms.
-
-    ``ℓ`` is the loss of one query (the batch mean divides these by N). For ``bce`` (Eq. 9) ``x = p/τ + b``
-    and ``∂ℓ/∂pᵢ = wᵢ (σ(xᵢ) − yᵢ)/τ`` with ``wᵢ = 1/D`` (one mean over the valid entries) or, balanced,
-    ``1/k`` for positives and ``1/(D − k)`` for negatives; ``bce_pos`` (Eq. 15) keeps the positive terms;
-    ``knn`` (Eq. 10): ``∂ℓ/∂pᵢ = (sᵢ − yᵢ/k)/τ`` with ``s`` the softmax over the valid entries, whose
-    negative part is the softmax mass on the negatives.
-    """
-    mask = valid.to(torch.float32).reshape(-1, logits.shape[-1]).expand_as(logits)
-    y = labels.float() * mask
-    neg = mask - y
-    if loss == "knn":
-        x = (logits.float() / tau).masked_fill(mask == 0, float("-inf"))
-        s = torch.softmax(x, dim=1).nan_to_num(0.0)
-        n_pos = y.sum(1, keepdim=True)
-        per_entry = torch.where(n_pos > 0, s - y / n_pos.clamp(min=1), 0.0) / tau
-        return per_entry * y, per_entry * neg
-    x = logits.float() / tau + bias
-    per_entry = (torch.sigmoid(x) - y) / tau
-    n = mask.sum(1, keepdim=True).clamp(min=1)
-    if loss == "bce" and balanced:
-        w_pos, w_neg = 1.0 / y.sum(1, keepdim=True).clamp(min=1), 1.0 / neg.sum(1, keepdim=True).clamp(min=1)
-    else:
-        w_pos = w_neg = 1.0 / n
-    pos = per_entry * y * w_pos
-    return pos, (per_entry * neg * w_neg if loss == "bce" else torch.zeros_like(pos))
-
-
 def infonce_logit_grads(l_pos: Tensor, l_neg: Tensor, tau: float, valid: Tensor) -> tuple[Tensor, Tensor]:
     """``∂ℓ/∂(q·k⁺)`` (N,) and ``∂ℓ/∂p`` (N x D) of one query's InfoNCE: ``(softmax − one-hot)/τ``."""
     mask = valid.reshape(-1, l_neg.shape[-1]).expand_as(l_neg)
@@ -145,7 +116,7 @@ def step_forces(q: Tensor, k: Tensor, queue_z: Tensor, l_neg: Tensor, tau: float
 
     ``l_neg`` is ``p = z1·Q_zᵀ``; ``valid`` the written rows of the queue, ``negatives`` InfoNCE's negatives
     (default: ``valid``; one mask per query when the pseudo-positives are left out); ``extra`` is
-    ``logit_grads``' (positive, negative) pair; ``labels`` the pseudo-labels, for the mean logit ``p/τ``
+    the extra loss's ``logit_grads`` (positive, negative) pair; ``labels`` the pseudo-labels, for the mean logit ``p/τ``
     (τ of the extra loss) of the positives (NaN when there are none) and of the negatives.
     """
     bank = queue_z.float()

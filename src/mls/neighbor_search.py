@@ -4,7 +4,7 @@ What it is for:
 
 - the nearest-neighbour figures of the paper (supplement B.3, Fig. 5-6; ``mls visualize neighbors``
   draws them with ``mls.viz.neighbors``): a query crop and its top-k entries of ``Q_g``. The search is
-  the paper's label selection itself (``mls.selection``): cosine similarity of ``ĝ1`` to ``Q_g``;
+  the paper's label selection itself (``mls.method.selection``): cosine similarity of ``ĝ1`` to ``Q_g``;
 - the pseudo-label precision, the share of a query's neighbours that share a true class with it: per
   training step over the selected pseudo-labels (``step_label_precision``, logged as
   ``train/label_precision``), and after pretraining over a search (``neighbor_precision``: ``mls study``,
@@ -23,10 +23,10 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from mls.checkpoint import load_pretrained
+from mls.checkpoints.pretrained import load_pretrained
 from mls.data.augment import MoCoV2View
 from mls.data.sources import open_source
-from mls.selection import cosine_similarity, topk_indices
+from mls.method.selection import cosine_similarity, topk_indices
 
 DATA_KEYS = ("data", "annotations", "num_images", "image_size", "seed")  # the arguments of open_source
 DEFAULT_CROP_SIZE = 224  # when neither the options nor the checkpoint give an image size
@@ -212,7 +212,7 @@ def check_indices(indices, size: int, what: str, data) -> None:
 
 def check_same_data(stored: str | None, found: str, checkpoint: str, force: bool = False) -> None:
     """Refuse data other than the checkpoint's (by their fingerprints), unless forced; checkpoints written
-    before fingerprints were recorded (see ``mls.checkpoint_versions``) are not checked."""
+    before fingerprints were recorded (see ``mls.checkpoints.versions``) are not checked."""
     if stored is not None and stored != found and not force:
         raise ValueError(f"the data ({found}) is not the data set {checkpoint} was pretrained on ({stored}): "
                          "the queue's image indices would point at other images; pass the checkpoint's "

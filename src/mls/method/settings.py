@@ -7,25 +7,57 @@ shared by InfoNCE and the BCE (Eq. 9, 10).
 
 A setting is one ``setting(default, doc)`` line below plus, if it has a range, one line in
 ``__post_init__``: nothing else needs editing for the command line, the configs or the checkpoint. For
-editors and type checkers, ``mls.train.options.PretrainOptions`` spells the settings out as ``pretrain``'s
+editors and type checkers, ``mls.train.pretrain_options.PretrainOptions`` spells the settings out as ``pretrain``'s
 keywords: regenerate it (its docstring says how; a test fails, showing the text, until it matches).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mls.method.extra_losses import EXTRA_LOSSES, extra_loss_help
 
-def setting(default: Any, doc: str) -> Any:
-    """A dataclass field with its one-line doc, which the command line shows as the option's help."""
-    return field(default=default, metadata={"doc": doc})
+# The default of a field that has none: every preset (e.g. each data set's protocol) gives its own value.
+NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def setting(default: Any, doc: str, as_type: Any = None, choices: Callable[[], dict[str, str]] | None = None) -> Any:
+    """A dataclass field with its one-line ``doc`` (the option's help) and ``default`` (``NO_DEFAULT``: none).
+
+    ``as_type`` is the option's type where it is not the field's: ``list[int]`` for a ``tuple[int, ...]``
+    field, since YAML and JSON write lists. ``choices``, a function asked whenever the options are built,
+    gives the values allowed and a few words on each: the option's type is then their ``Literal``, and its
+    help lists them (a registry that grows after import, as ``mls.method.extra_losses``, shows in both).
+    """
+    metadata = {"doc": doc}
+    if as_type is not None:
+        metadata["type"] = as_type
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+def field_type(f: dataclasses.Field, hints: dict[str, Any]) -> Any:
+    """A setting's type as an option: its choices' ``Literal``, its ``as_type``, or its annotation (``hints``)."""
+    if "choices" in f.metadata:
+        return Literal[tuple(f.metadata["choices"]())]
+    return f.metadata.get("type", hints[f.name])
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """A setting's one-line doc, followed by its choices: "extra loss: bce (Eq. 9), bce_pos (...) or knn (...)"."""
+    if "choices" not in f.metadata:
+        return f.metadata.get("doc", "")
+    listed = [f"{name} ({words})" for name, words in f.metadata["choices"]().items()]
+    return f"{f.metadata['doc']}: " + " or ".join([", ".join(listed[:-1]), listed[-1]] if len(listed) > 1 else listed)
 
 
 def docs(cls) -> dict[str, str]:
     """The one-line doc of every field of a settings dataclass."""
-    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+    return {f.name: field_doc(f) for f in dataclasses.fields(cls)}
 
 
 def check(ok: bool, name: str, message: str) -> None:
@@ -40,7 +72,7 @@ def check_probability(name: str, p: float) -> None:
 
 def from_dict(cls, values: dict):
     """``cls(**values)`` with the keys that ``cls`` does not have left out. (The names of older checkpoints
-    are translated by ``mls.checkpoint_versions``.)"""
+    are translated by ``mls.checkpoints.versions``.)"""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -55,8 +87,7 @@ class MLSConfig:
     arch: str = setting("resnet50", "torchvision backbone: resnet18, resnet34, resnet50 or resnet101")
     small_stem: bool = setting(False, "3x3 stem without max-pool, for images of 32-96 px")
     method: Literal["mocov2", "mls"] = setting("mls", "mocov2 (InfoNCE only) or mls (InfoNCE + λ x extra loss)")
-    mls_loss: Literal["bce", "bce_pos", "knn"] = setting(
-        "bce", "extra loss of Table 6: bce (Eq. 9, MLS), bce_pos (supplement Eq. 15) or knn (k-NN softmax, supplement Eq. 10)")
+    mls_loss: str = setting("bce", "extra loss of Table 6", choices=extra_loss_help)  # mls.method.extra_losses
     select_from: Literal["g", "z"] = setting(
         "g", "pseudo-labels from the top-k of g1 in Q_g (g, MLS) or of z1 in Q_z (z; Table 7)")
     logits_from: Literal["z", "g"] = setting(
@@ -83,8 +114,7 @@ class MLSConfig:
     def __post_init__(self):
         object.__setattr__(self, "mls_loss", self.mls_loss.replace("-", "_"))
         check(self.method in ("mocov2", "mls"), "method", f"must be 'mocov2' or 'mls', got {self.method!r}")
-        check(self.mls_loss in ("bce", "bce_pos", "knn"), "mls_loss",
-              f"must be one of bce, bce_pos, knn, got {self.mls_loss!r}")
+        check(self.mls_loss in EXTRA_LOSSES, "mls_loss", f"must be one of {', '.join(EXTRA_LOSSES)}, got {self.mls_loss!r}")
         check(self.select_from in ("g", "z"), "select_from", f"must be 'g' or 'z', got {self.select_from!r}")
         check(self.logits_from in ("g", "z"), "logits_from", f"must be 'g' or 'z', got {self.logits_from!r}")
         check(self.queue_size >= 1, "queue_size", f"must be positive, got {self.queue_size}")
@@ -97,9 +127,12 @@ class MLSConfig:
         check(self.queue_g_dtype in QUEUE_G_DTYPES, "queue_g_dtype", f"must be one of {', '.join(QUEUE_G_DTYPES)}")
         check(self.logit_bias in ("none", "fixed", "learned"), "logit_bias",
               f"must be none, fixed or learned, got {self.logit_bias!r}")
-        check(self.logit_bias == "none" or self.mls_loss in ("bce", "bce_pos"), "logit_bias",
-              f"applies to the sigmoid losses (bce, bce_pos), not to {self.mls_loss}")
+        sigmoid = [name for name, entry in EXTRA_LOSSES.items() if entry.takes_bias]
+        check(self.logit_bias == "none" or self.mls_loss in sigmoid, "logit_bias",
+              f"applies to the sigmoid losses ({', '.join(sigmoid)}), not to {self.mls_loss}")
         check(self.logit_bias == "none" or self.topk >= 1, "logit_bias", "needs k >= 1 (the prior of a positive is k/D)")
+        if EXTRA_LOSSES[self.mls_loss].check is not None:
+            EXTRA_LOSSES[self.mls_loss].check(self)
 
     @property
     def extra_temperature(self) -> float:

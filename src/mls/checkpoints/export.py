@@ -71,7 +71,7 @@ def export(checkpoint: str, format: Literal["torchvision", "detectron2"] = "torc
         format: ``torchvision`` (plain ResNet state_dict, no ``fc``) or ``detectron2`` (MoCo's key renaming).
         out: Output file; default: beside the checkpoint, ``<name>.torchvision.pth`` or ``<name>.detectron2.pkl``.
     """
-    from mls.checkpoint import load_backbone
+    from mls.checkpoints.pretrained import load_backbone
 
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")

@@ -4,7 +4,7 @@ A pretraining checkpoint is Lightning's: ``state_dict`` holds the ``MLS`` module
 ``model.`` (both encoders and the queues) and ``hyper_parameters`` holds ``model`` (the
 ``MLSConfig`` fields), ``data`` (what it was trained on) and ``mls_version``. Checkpoints of
 earlier versions, from mls 0.2 on, still load: every loader reads them through
-``mls.checkpoint_versions.upgrade``, which says what each version wrote.
+``mls.checkpoints.versions.upgrade``, which says what each version wrote.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 import mls
-from mls.backbones import build_backbone
-from mls.checkpoint_versions import upgrade, written_by
-from mls.config import MLSConfig, from_dict
+from mls.checkpoints.versions import upgrade, written_by
 from mls.files import atomic_write
-from mls.model import MLS
+from mls.method.backbones import build_backbone
+from mls.method.model import MLS
+from mls.method.settings import MLSConfig, from_dict
 
 PREFIX = "model."
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from mls.checkpoint import backbone_info
+from mls.checkpoints.pretrained import backbone_info
 from mls.eval.datasets import load_dataset, validation_split
 from mls.eval.metrics import classification_metrics
-from mls.eval.protocols import Task, knn_classify, linear_probe
+from mls.eval.probes import Task, knn_classify, linear_probe
 from mls.files import atomic_write
-from mls.neighbors import dataset_bank, neighbor_precision, open_pretrained, search
+from mls.neighbor_search import dataset_bank, neighbor_precision, open_pretrained, search
 from mls.study.grids import (
     UNRECORDED_BASE,
     Budget,
@@ -33,9 +33,10 @@ from mls.study.grids import (
     on_scenes,
     resolve_cell,
 )
-from mls.study.report import write_outputs
+from mls.study.outputs import write_outputs
 from mls.train import pretrain
-from mls.train.config import PRESETS
+from mls.train.resume import last_checkpoint
+from mls.train.settings import PRESETS
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
 BOOKKEEPING = ("save_every", "log_every", "workers")
@@ -169,7 +170,7 @@ class GridRun:
     def rescore_cell(self, key: str, seed: int, label: str) -> None:
         """Score a finished cell again from its last.ckpt (on the test split too if it was or ``test`` asks)."""
         previous = self.results["cells"][key]
-        checkpoint = Path(previous["run"]) / "checkpoints" / "last.ckpt"
+        checkpoint = last_checkpoint(Path(previous["run"]))
         print(f"{label}: scoring {checkpoint} again", flush=True)
         previous["scores"] = score(checkpoint, self.plan, seed, self.test or "test_map" in previous["scores"],
                                    self.workers)

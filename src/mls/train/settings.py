@@ -9,8 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from mls.config import MLSConfig, check, check_probability, from_dict, setting
 from mls.data.augment import ViewConfig
+from mls.method.extra_losses import EXTRA_LOSSES
+from mls.method.settings import MLSConfig, check, check_probability, from_dict, setting
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,7 @@ class PretrainSettings:
         text = f"{'MoCo-v2' if m.method == 'mocov2' else 'MLS'}: {arch}, {self.view.image_size} px, D {m.queue_size:,}"
         if m.method == "mocov2":
             return text
-        loss = {"bce": "BCE (Eq. 9)" + (" balanced" if m.bce_balanced else ""), "bce_pos": "BCE-pos",
-                "knn": "k-NN softmax"}[m.mls_loss]
+        loss = EXTRA_LOSSES[m.mls_loss].describe(m)
         start = "from the first step" if t.extra_start_epoch == 0 else f"from epoch {t.extra_start_epoch:g}"
         ramp = f", ramped over {t.extra_ramp_epochs:g} epochs" if t.extra_ramp_epochs else ""
         return f"{text}, k {m.topk}, λ {m.extra_weight:g} × {loss} {start}{ramp}"

@@ -1,6 +1,6 @@
 """Checkpoints written by earlier versions of mls, and their translation into this version's layout.
 
-Every loader of a pretraining checkpoint (``mls.checkpoint.load_pretrained``, ``load_backbone`` and
+Every loader of a pretraining checkpoint (``mls.checkpoints.pretrained.load_pretrained``, ``load_backbone`` and
 ``backbone_info``: export, eval, transfer, the figures and the study) reads it through ``upgrade``; the
 rest of the code sees the layout of this version only. What each version wrote, and what changed:
 

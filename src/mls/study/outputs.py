@@ -97,13 +97,11 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     """Three panels per variant: the paired difference of validation mAP to MoCo-v2 (bars: two standard
     errors, so a bar clear of zero is a difference beyond noise), then validation mAP and neighbour
     precision (bars: std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mls.viz.curves import agg_figure
 
     rows = [r for r in summarise_cells(results, index) if r["val_map"]]
-    fig, axes = plt.subplots(1, 3, figsize=(5 + 1.5 * len(rows), 3.6))
+    fig = agg_figure(figsize=(5 + 1.5 * len(rows), 3.6))
+    axes = fig.subplots(1, 3)
     ticks = range(len(rows)), [r["variant"] for r in rows]
     for name, colour, shift in (("val_map", "tab:red", 0.0), ("test_map", "tab:purple", 0.15)):
         if name == "test_map" and not any(r["diff_test_map"] for r in rows):
@@ -132,10 +130,9 @@ def figure(results: dict, index: dict[str, dict[int, str]], out: Path) -> None:
     fig.suptitle(f"{results['command']}\n(bars: 2 SE of the paired Δ; std over seeds)", fontsize=8)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
-# The health measures (mls.health) a study draws over steps, one figure each, for every variant whose runs logged them.
+# The health measures (mls.method.health) a study draws over steps, one figure each, for every variant whose runs logged them.
 HEALTH_FIGURES = {
     "alignment": ("health/alignment", "health/logit_neg"),
     "spread": ("health/mean_norm", "health/uniformity"),
@@ -181,14 +178,10 @@ def health_figure(results: dict, index: dict[str, dict[int, str]], names, out: P
     names = [n for n in names if any(n in s for s in series.values())]
     if not names:
         return False
-    import matplotlib
+    from mls.viz.curves import KNOWN, agg_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mls.viz.curves import KNOWN
-
-    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
+    fig = agg_figure(figsize=(4.6 * len(names), 3.4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         for n, (variant, measures) in enumerate(series.items()):
             if name not in measures:
@@ -205,7 +198,6 @@ def health_figure(results: dict, index: dict[str, dict[int, str]], names, out: P
     fig.suptitle(f"{results['command']} (thick: mean over seeds; thin: each seed)", fontsize=8)
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return True
 
 

@@ -88,7 +88,3 @@ def knn_softmax(logits: Tensor, labels: Tensor, tau: float, valid: Tensor | None
     n_pos = y.sum(dim=1)
     per_query = -(y * log_prob).sum(dim=1) / n_pos.clamp(min=1)
     return per_query.mean()
-
-
-EXTRA_LOSSES = {"bce": bce, "bce_pos": bce_pos, "knn": knn_softmax}
-"""The extra terms of Table 6, by the name the model and the CLI use."""

@@ -1,0 +1,62 @@
+"""The lines a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
+precision, the health watch's verdict, where the files are, and the commands that look at the result."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from mls.method.extra_losses import EXTRA_LOSSES
+from mls.train.console import health_watch
+from mls.train.settings import PretrainSettings
+
+
+def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
+    """The last epoch logged in a CSVLogger file and the mean of each ``train/`` quantity over its steps."""
+    if not metrics_csv.is_file():
+        return None, {}
+    with open(metrics_csv) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "")]
+    if not rows:
+        return None, {}
+    epoch = rows[-1]["epoch"]
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["epoch"] == epoch and row.get("train/images_per_sec"):  # a training step (not an epoch-end row)
+            for key, text in row.items():
+                if key.startswith("train/") and text not in ("", None) and not math.isnan(float(text)):
+                    values.setdefault(key[len("train/"):], []).append(float(text))
+    return int(epoch), {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path) -> str:
+    """What a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
+    precision, where the files are, and the commands that look at the result."""
+    csv_dir = next(logger.log_dir for logger in trainer.loggers if isinstance(logger, CSVLogger))
+    epoch, means = last_epoch_means(Path(csv_dir) / "metrics.csv")
+    lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
+    if means.get("loss") is not None:
+        terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
+        if settings.model.method == "mls" and "loss_extra" in means:
+            words = EXTRA_LOSSES[settings.model.mls_loss].describe(settings.model)
+            terms += f", {words} {means['loss_extra']:.3f} at mean λ {means.get('extra_weight', float('nan')):.2f}"
+        terms += ")"
+        if "label_precision" in means:
+            terms += f", pseudo-label precision {means['label_precision']:.3f} (share of selected neighbours " \
+                     "sharing a class with their query)"
+        lines.append(f"epoch {epoch} on average: {terms}")
+    watch = health_watch(trainer)
+    if watch is not None:
+        lines.append(watch.verdict)
+    lines.append(f"logs: {csv_dir}/metrics.csv and {out / 'tensorboard'}")
+    evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
+                else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
+    lines += ["next:",
+              f"  mls visualize neighbors --checkpoint {last} --out neighbors.png",
+              f"  {evaluate}",
+              f"  mls plot {out} --out curves.png",
+              f"  tensorboard --logdir {out / 'tensorboard'}"]
+    return "\n".join(lines)
