@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 from mls.study.grids import UNRECORDED_BASE, resolve_cell
-from mls.study.report import reference
-from mls.train.config import PretrainSettings
+from mls.study.outputs import reference
+from mls.train.settings import PretrainSettings
 from mls.viz.curves import find_metrics, read_metrics
 
 DEGRADED_BY = 10.0  # mAP points below the control that count as degraded
