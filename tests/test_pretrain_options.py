@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from mls.train import pretrain
+from mls.train import pretrain, pretrain_options
 from mls.train.commands import _describe, pretrain_command
-from mls.train.pretrain_options import PretrainOptions, pretrain_options_source
+from mls.train.pretrain_options import PretrainOptions, pretrain_options_source, write_pretrain_options
 from mls.train.settings import PRESET_HELP, SETTINGS
 
 if sys.version_info >= (3, 11):
@@ -68,9 +68,17 @@ def test_the_typed_dict_has_one_optional_key_per_setting_of_its_type():
 def test_the_typed_dict_is_as_written_from_the_dataclasses():
     expected, written = pretrain_options_source(), inspect.getsource(PretrainOptions)
     assert written == expected, (
-        "PretrainOptions in src/mls/train/pretrain_options.py differs from the settings dataclasses; replace the class with "
-        "what `python -c \"from mls.train.pretrain_options import pretrain_options_source as s; print(s())\"` prints:\n\n"
-        + expected)
+        "PretrainOptions in src/mls/train/pretrain_options.py differs from the settings dataclasses; rewrite it with "
+        "`python -c \"from mls.train.pretrain_options import write_pretrain_options as w; w()\"`")
+
+
+def test_the_writer_replaces_the_class_and_leaves_the_rest_of_the_module(tmp_path):
+    module = Path(pretrain_options.__file__).read_text(encoding="utf-8")
+    head, _, _ = module.partition("class PretrainOptions(")
+    copy = tmp_path / "pretrain_options.py"
+    copy.write_text(head + "class PretrainOptions(TypedDict, total=False):\n    stale: int\n", encoding="utf-8")
+    assert write_pretrain_options(copy) and not write_pretrain_options(copy)
+    assert copy.read_text(encoding="utf-8") == head + pretrain_options_source()
 
 
 def test_the_command_has_pretrains_parameters_then_one_documented_option_per_setting():

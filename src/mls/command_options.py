@@ -1,8 +1,9 @@
 """Settings dataclasses as flat keyword options of a command function (for jsonargparse and ``help``).
 
-``mls pretrain`` and ``mls transfer detect/segment`` take ``**options`` whose names, types, defaults
-and docs are the fields of settings dataclasses: each setting is declared once, in its dataclass.
-``split_options`` hands the options a command was given back to their dataclasses. ``typed_dict_source``
+``mls pretrain``, ``mls eval linear/finetune/knn`` and ``mls transfer detect/segment`` take ``**options`` whose
+names, types, defaults and docs are the fields of settings dataclasses: each setting is declared once, in its
+dataclass. ``split_options`` hands the options a command was given back to their dataclasses;
+``CommandSettings`` does both for a command whose options are its groups' fields as declared. ``typed_dict_source``
 writes those options out as a ``TypedDict``, for a function that takes them as ``**options`` to declare its
 keywords to type checkers and editors (``mls.train.pretrain_options.PretrainOptions``).
 """
@@ -61,6 +62,24 @@ def split_options(options: dict, groups: tuple[type, ...]) -> list[dict]:
         split.append({name: tuple(value) if name in tuples and isinstance(value, list) else value
                       for name, value in options.items() if name in fields})
     return split
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandSettings:
+    """The options of a command, each a field of one of ``groups`` (settings dataclasses), in that order.
+
+    ``options`` gives a command function ``fn(..., **options)`` those options (``flat_options``); ``settings``
+    turns the ones it was given back into the dataclasses, one instance per group, each checked where it is
+    declared (in its ``__post_init__``).
+    """
+
+    groups: tuple[type, ...]
+
+    def options(self, fn: Callable) -> Callable:
+        return flat_options(fn, self.groups)
+
+    def settings(self, options: dict) -> list:
+        return [group(**values) for group, values in zip(self.groups, split_options(options, self.groups))]
 
 
 def _members(t: Any) -> tuple:

@@ -8,7 +8,7 @@ shared by InfoNCE and the BCE (Eq. 9, 10).
 A setting is one ``setting(default, doc)`` line below plus, if it has a range, one line in
 ``__post_init__``: nothing else needs editing for the command line, the configs or the checkpoint. For
 editors and type checkers, ``mls.train.pretrain_options.PretrainOptions`` spells the settings out as ``pretrain``'s
-keywords: regenerate it (its docstring says how; a test fails, showing the text, until it matches).
+keywords: rewrite it with ``write_pretrain_options()`` (a test fails until it matches).
 """
 from __future__ import annotations
 

@@ -3,12 +3,15 @@
 One key per field of ``mls.train.settings.SETTINGS`` (``MLSConfig``, ``ViewConfig``, ``TrainConfig``), of the
 field's type or None; a key left out or None takes the preset's value. The settings are declared in those
 dataclasses; the class below is written from them by ``pretrain_options_source()`` and never edited by hand.
-After adding, renaming or retyping a setting, replace the class with what
+After adding, renaming or retyping a setting, rewrite it with
 
-    python -c "from mls.train.pretrain_options import pretrain_options_source as s; print(s())"
+    python -c "from mls.train.pretrain_options import write_pretrain_options as w; w()"
 
-prints (tests/test_pretrain_options.py fails, showing that text, until the two agree).
+(tests/test_pretrain_options.py fails until the two agree). It is source, not a class built at import, because
+type checkers read a ``TypedDict`` only from source: mypy refuses one built from a computed dict, and then every
+keyword of a function typed with it (docs/architecture.md, "Settings").
 """
+from pathlib import Path
 from typing import Literal, TypedDict
 
 _DOC = "The settings ``mls.train.pretrain`` takes as keywords (left out or None: the preset's value)."
@@ -20,6 +23,19 @@ def pretrain_options_source() -> str:
     from mls.train.settings import SETTINGS
 
     return typed_dict_source("PretrainOptions", SETTINGS, _DOC)
+
+
+_WRITTEN = "# Written by pretrain_options_source(): do not edit.\n"
+
+
+def write_pretrain_options(path: Path = Path(__file__)) -> bool:
+    """Replace the class after the ``_WRITTEN`` line of ``path`` (this module) with ``pretrain_options_source()``;
+    whether the file changed."""
+    text = path.read_text(encoding="utf-8")
+    written = text[:text.index(_WRITTEN) + len(_WRITTEN)] + pretrain_options_source()
+    if written != text:
+        path.write_text(written, encoding="utf-8")
+    return written != text
 
 
 # Written by pretrain_options_source(): do not edit.

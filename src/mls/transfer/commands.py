@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from mls.checkpoints.pretrained import backbone_info, load_backbone
 from mls.eval.results import summarise, write_report
@@ -31,7 +32,15 @@ from mls.transfer.settings import (
     SegmentationModel,
     SegmentationProtocol,
 )
-from mls.transfer.training import RunOptions, TransferModule, TransferOptions, per_device_batch, poly, warmup_multistep
+from mls.transfer.training import (
+    LossFn,
+    RunOptions,
+    TransferModule,
+    TransferOptions,
+    per_device_batch,
+    poly,
+    warmup_multistep,
+)
 
 DETECT_OPTIONS = TransferOptions(DetectionModel, DETECTION, "--format")
 SEGMENT_OPTIONS = TransferOptions(SegmentationModel, SEGMENTATION, "--dataset")
@@ -64,24 +73,36 @@ def _repeat(run_once: Callable[[Path], dict | None], runs: int, seed: int, out: 
     return result
 
 
-def _backbone(run: RunOptions, info: dict):
-    """The pretrained backbone of ``--weights``, as ``info`` (its arch and small_stem) describes it."""
-    return load_backbone(run.weights, arch=info["arch"], small_stem=info["small_stem"])[0]
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+    """One run of a transfer command: called with its folder, it fine-tunes a fresh network on the pretrained
+    backbone (every process); the first process then scores it on the test set, every other one returns None."""
 
+    run: RunOptions
+    info: dict  # the backbone's arch and small_stem
+    build: Callable[[nn.Module], nn.Module]  # the pretrained backbone -> the network to fine-tune
+    losses: LossFn
+    sgd: dict  # TransferModule's lr, lr_factor (the schedule), weight_decay and norm_weight_decay
+    max_iters: int
+    train_set: Dataset
+    per_device: int  # training images per process and iteration
+    score: Callable[..., dict]  # (network, test loader, device=...) -> the scores
+    test_set: Dataset
+    test_batch: int
+    collate_fn: Callable | None = None
 
-def _train_then_evaluate(run: RunOptions, run_dir: Path, module: TransferModule, max_iters: int, train: DataLoader,
-                         evaluate: Callable) -> dict | None:
-    """Fine-tune ``module`` for ``max_iters`` on ``train`` (every process); the first process returns
-    ``evaluate(device)``, every other one None."""
-    trainer = run.trainer(run_dir, max_iters)
-    trainer.fit(module, train)
-    return evaluate(trainer.strategy.root_device) if trainer.is_global_zero else None
-
-
-def _loader(run: RunOptions, **fixed) -> Callable[..., DataLoader]:
-    """``DataLoader`` with ``run``'s loading processes (kept alive between epochs when there are any)."""
-    workers = run.loader_workers
-    return partial(DataLoader, num_workers=workers, persistent_workers=workers > 0, **fixed)
+    def __call__(self, run_dir: Path) -> dict | None:
+        """Train on the training split; the first process returns the scores, every other one None."""
+        workers = self.run.loader_workers
+        loader = partial(DataLoader, num_workers=workers, persistent_workers=workers > 0, collate_fn=self.collate_fn)
+        backbone = load_backbone(self.run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])[0]
+        network = self.build(backbone)
+        module = TransferModule(network, self.losses, **self.sgd)
+        trainer = self.run.trainer(run_dir, self.max_iters)
+        trainer.fit(module, loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True))
+        if not trainer.is_global_zero:
+            return None
+        return self.score(network, loader(self.test_set, batch_size=self.test_batch), device=trainer.strategy.root_device)
 
 
 def _detection_sets(data: str | None, format: str,
@@ -96,87 +117,51 @@ def _detection_sets(data: str | None, format: str,
     return splits, train_set, test_set
 
 
-@dataclasses.dataclass(frozen=True)
-class DetectionFineTuning:
-    """One run of ``detect``: called with its folder, it fine-tunes a fresh detector and evaluates it."""
-
-    run: RunOptions
-    model: DetectionModel
-    protocol: DetectionProtocol
-    info: dict  # the backbone's arch and small_stem
-    splits: DetectionSplits
-    train_set: CocoInstances
-    test_set: CocoInstances
-    per_device: int
-
-    def __call__(self, run_dir: Path) -> dict | None:
-        """Train on the training split; the first process returns the COCOeval scores, every other one None."""
-        run, model, protocol, splits = self.run, self.model, self.protocol, self.splits
-        categories = splits.category_ids
-        loader = _loader(run, collate_fn=collate_lists)
-        detector = build_detector(_backbone(run, self.info), len(categories) + 1, splits.has_masks,
-                                  protocol.train_sizes, protocol.max_size, model.fpn_channels, model.rois_per_image,
-                                  model.head)
-        schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
-        module = TransferModule(detector, detection_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay,
-                                norm_weight_decay=0.0)
-        train = loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True)
-        return _train_then_evaluate(run, run_dir, module, protocol.max_iters, train, lambda device: evaluate_detection(
-            detector, loader(self.test_set, batch_size=self.per_device), splits.test, categories,
-            protocol.image_size, splits.has_masks, device))
-
-    def result(self, format: str) -> dict:
-        """What the report gives besides the scores: data set, model, weights, backbone and settings."""
-        name = ("mask" if self.splits.has_masks else "faster") + f"_rcnn_{self.info['arch']}_{self.model.head}"
-        settings = {**dataclasses.asdict(self.protocol), **dataclasses.asdict(self.model)}
-        return {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": self.run.weights,
-                "arch": self.info["arch"], "small_stem": self.info["small_stem"], "settings": settings}
+def _detection(data: str | None, format: str, run: RunOptions, model: DetectionModel,
+               protocol: DetectionProtocol) -> tuple[FineTuning, dict]:
+    """A run of ``detect`` on ``data``, and what its report gives besides the scores: data set, model, weights,
+    backbone and settings."""
+    per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
+    splits, train_set, test_set = _detection_sets(data, format, per_device)
+    info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
+    categories = splits.category_ids
+    build = partial(build_detector, num_classes=len(categories) + 1, masks=splits.has_masks,
+                    train_sizes=protocol.train_sizes, max_size=protocol.max_size, channels=model.fpn_channels,
+                    rois_per_image=model.rois_per_image, head=model.head)
+    schedule = partial(warmup_multistep, warmup_iters=protocol.warmup_iters, steps=protocol.steps)
+    sgd = dict(lr=protocol.lr, lr_factor=schedule, weight_decay=protocol.weight_decay, norm_weight_decay=0.0)
+    score = partial(evaluate_detection, coco_gt=splits.test, category_ids=categories, test_size=protocol.image_size,
+                    masks=splits.has_masks)
+    fine_tune = FineTuning(run, info, build, detection_losses, sgd, protocol.max_iters, train_set, per_device, score,
+                           test_set, per_device, collate_lists)
+    name = ("mask" if splits.has_masks else "faster") + f"_rcnn_{info['arch']}_{model.head}"
+    return fine_tune, {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": run.weights,
+                       "arch": info["arch"], "small_stem": info["small_stem"],
+                       "settings": {**dataclasses.asdict(protocol), **dataclasses.asdict(model)}}
 
 
-def _segmentation_sets(data: str | None, dataset: str, protocol: SegmentationProtocol,
-                       per_device: int) -> tuple[SegmentationPairs, SegmentationPairs, int]:
-    """Training pairs (randomly rescaled and cropped), test pairs and the number of classes; at least one batch."""
+def _segmentation(data: str | None, dataset: str, run: RunOptions, model: SegmentationModel,
+                  protocol: SegmentationProtocol) -> tuple[FineTuning, dict]:
+    """A run of ``segment`` on ``data`` (training pairs randomly rescaled and cropped, at least one batch), and what
+    its report gives besides the scores: data set, model, weights, backbone, classes and settings."""
+    per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
     train_base, test_base, num_classes, lut = segmentation_splits(_required(data, "--data"), dataset)
     augment = segmentation_train_transform(protocol.scale, protocol.crop_size, protocol.ratio_range)
     train_set = SegmentationPairs(train_base, num_classes, augment, lut)
-    test_set = SegmentationPairs(test_base, num_classes, None, lut)
     if len(train_set) < per_device:
         raise ValueError(f"{len(train_set)} training images, fewer than one batch of {per_device}")
-    return train_set, test_set, num_classes
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentationFineTuning:
-    """One run of ``segment``: called with its folder, it fine-tunes a fresh segmenter and evaluates it."""
-
-    run: RunOptions
-    model: SegmentationModel
-    protocol: SegmentationProtocol
-    info: dict  # the backbone's arch and small_stem
-    train_set: SegmentationPairs
-    test_set: SegmentationPairs
-    num_classes: int
-    per_device: int
-
-    def __call__(self, run_dir: Path) -> dict | None:
-        """Train on the training split; the first process returns mIoU, mAcc and aAcc, every other one None."""
-        run, protocol = self.run, self.protocol
-        loader = _loader(run)
-        segmenter = build_segmenter(_backbone(run, self.info), self.info["arch"], self.num_classes, self.model.head)
-        schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
-        module = TransferModule(segmenter, segmentation_losses, protocol.lr, schedule, weight_decay=protocol.weight_decay)
-        train = loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True)
-        return _train_then_evaluate(run, run_dir, module, protocol.max_iters, train, lambda device: evaluate_segmentation(
-            segmenter, loader(self.test_set, batch_size=1), self.num_classes, protocol.scale, protocol.inference,
-            protocol.crop_size, protocol.stride, device))
-
-    def result(self, dataset: str) -> dict:
-        """What the report gives besides the scores: data set, model, weights, backbone, classes and settings."""
-        arch = self.info["arch"]
-        name = f"{self.model.head}_{arch}" + ("_d8" if arch in DILATABLE else "")
-        return {"dataset": dataset, "protocol": name, "weights": self.run.weights, "arch": arch,
-                "small_stem": self.info["small_stem"], "num_classes": self.num_classes,
-                "settings": {**dataclasses.asdict(self.protocol), **dataclasses.asdict(self.model)}}
+    info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
+    build = partial(build_segmenter, arch=info["arch"], num_classes=num_classes, head=model.head)
+    schedule = partial(poly, max_iters=protocol.max_iters, min_ratio=protocol.min_lr / protocol.lr)
+    sgd = dict(lr=protocol.lr, lr_factor=schedule, weight_decay=protocol.weight_decay)
+    score = partial(evaluate_segmentation, num_classes=num_classes, scale=protocol.scale, mode=protocol.inference,
+                    crop=protocol.crop_size, stride=protocol.stride)
+    fine_tune = FineTuning(run, info, build, segmentation_losses, sgd, protocol.max_iters, train_set, per_device,
+                           score, SegmentationPairs(test_base, num_classes, None, lut), 1)
+    name = f"{model.head}_{info['arch']}" + ("_d8" if info["arch"] in DILATABLE else "")
+    return fine_tune, {"dataset": dataset, "protocol": name, "weights": run.weights, "arch": info["arch"],
+                       "small_stem": info["small_stem"], "num_classes": num_classes,
+                       "settings": {**dataclasses.asdict(protocol), **dataclasses.asdict(model)}}
 
 
 @DETECT_OPTIONS.options
@@ -194,12 +179,8 @@ def detect(data: str | None = None, format: Literal["coco", "voc"] = "coco", **o
         format: the data set and its protocol: coco or voc.
     """
     run, model, protocol = DETECT_OPTIONS.settings(format, options)
-    per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
-    splits, train_set, test_set = _detection_sets(data, format, per_device)
-    info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
-    fine_tune = DetectionFineTuning(run, model, protocol, info, splits, train_set, test_set, per_device)
-    out = Path(run.out or f"runs/transfer/detect-{format}")
-    return _repeat(fine_tune, protocol.runs, run.seed, out, fine_tune.result(format))
+    fine_tune, result = _detection(data, format, run, model, protocol)
+    return _repeat(fine_tune, protocol.runs, run.seed, Path(run.out or f"runs/transfer/detect-{format}"), result)
 
 
 @SEGMENT_OPTIONS.options
@@ -216,9 +197,5 @@ def segment(data: str | None = None, dataset: Literal["cityscapes", "voc-seg"] =
             else VOC2007, train -> val or trainval -> test).
     """
     run, model, protocol = SEGMENT_OPTIONS.settings(dataset, options)
-    per_device = per_device_batch(protocol.batch_size, run.devices, run.num_nodes)
-    train_set, test_set, num_classes = _segmentation_sets(data, dataset, protocol, per_device)
-    info = backbone_info(run.weights, arch=run.arch, small_stem=run.small_stem)
-    fine_tune = SegmentationFineTuning(run, model, protocol, info, train_set, test_set, num_classes, per_device)
-    out = Path(run.out or f"runs/transfer/segment-{dataset}")
-    return _repeat(fine_tune, protocol.runs, run.seed, out, fine_tune.result(dataset))
+    fine_tune, result = _segmentation(data, dataset, run, model, protocol)
+    return _repeat(fine_tune, protocol.runs, run.seed, Path(run.out or f"runs/transfer/segment-{dataset}"), result)
