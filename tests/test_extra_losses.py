@@ -83,3 +83,8 @@ def test_a_registered_loss_reaches_help_a_run_its_summary_and_the_health_columns
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("health/grad_extra_neg")]
     assert float(rows[-1]["health/grad_extra_neg"]) > 0  # the first step has an empty queue: 0
+
+    from mls.study.grids import BUDGETS, grid_cells
+
+    cells = grid_cells("table6", BUDGETS["tiny"])  # the study's Table 6 grid gains a row
+    assert list(cells)[2:] == ["knn", "bce_pos", "bce", "brier"] and cells["brier"] == {"mls_loss": "brier"}

@@ -13,6 +13,7 @@ from typing import Literal
 
 import yaml
 
+from mls.method.extra_losses import EXTRA_LOSSES
 from mls.train.settings import PretrainSettings
 
 PAPER_K_OVER_D = 20 / 4096  # k = 20 of D = 4,096 (§4.1)
@@ -108,8 +109,13 @@ def _always(d: int) -> dict[str, dict]:
     return {"mocov2": {"method": "mocov2"}, "paper": paper}
 
 
+TABLE6_ORDER = ("knn", "bce_pos", "bce")  # Table 6's rows: + k-NN softmax, + BCE-pos, + BCE
+
+
 def _table6(s: PretrainSettings) -> dict[str, dict]:
-    return {"knn": {"mls_loss": "knn"}, "bce_pos": {"mls_loss": "bce_pos"}, "bce": {"mls_loss": "bce"}}
+    """Table 6: each extra loss of the registry, the paper's three in its order, then any other registered one."""
+    names = [*TABLE6_ORDER, *(name for name in EXTRA_LOSSES if name not in TABLE6_ORDER)]
+    return {name: {"mls_loss": name} for name in names}
 
 
 def _table7(s: PretrainSettings) -> dict[str, dict]:
