@@ -84,6 +84,16 @@ def test_a_condition_is_reported_after_patience_and_cleared_when_it_ends(caplog)
     assert "earlier: extra loss dominates from step 60 to step 100 (worst 3.00), then cleared" in verdict
 
 
+def test_a_resumed_run_keeps_what_its_watch_had_seen():
+    run = FakeRun()
+    for step in (10, 20, 30, 40, 50, 60):  # reported at 30, cleared at 60
+        run.log(step, extra_weight=1.0, grad_extra_neg=2.0 if step <= 30 else 0.5, grad_infonce=1.0, rank_z=40.0)
+    resumed = watch.HealthWatch()
+    resumed.load_state_dict(run.callback.state_dict())
+    assert resumed.verdict == run.callback.verdict and "from step 30 to step 60" in resumed.verdict
+    assert resumed.status == "cleared"
+
+
 def test_the_summary_reports_the_end_state_and_stop_ends_the_run():
     run = FakeRun(on_collapse="stop")
     for step in (10, 20):

@@ -17,7 +17,7 @@ without it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -150,6 +150,17 @@ class HealthWatch(L.Callback):
                     track.active.cleared = step
                     lines.append(f"mls: cleared at step {step}: {short} (reported at step {track.episodes[-1].step})")
         return lines
+
+    def state_dict(self) -> dict:
+        """What the watch has seen, kept in the checkpoint: a resumed run's summary still names earlier episodes."""
+        return {"judged": self.judged, "tracks": {name: asdict(track) for name, track in self.tracks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.judged = state["judged"]
+        self.tracks = {}
+        for name, track in state["tracks"].items():
+            episodes = [Episode(Finding(**e["first"]), e["step"], e["worst"], e["cleared"]) for e in track["episodes"]]
+            self.tracks[name] = _Track(track["streak_on"], track["streak_off"], [], episodes)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logged = pl_module.pending_health  # set by the step when it measured health (every log step)
