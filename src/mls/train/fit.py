@@ -113,9 +113,10 @@ def pretrain(out: str | None = None, resume: str | None = None,
     Settings left out come from a preset: on the built-in scenes (no --data) the CPU demo's
     (configs/demo_cpu.yaml: ResNet-18 at 64 px, 8 epochs, a few minutes on 2 cores); with --data the
     recommended one: the main paper's (ResNet-50 at 224 px, D 4,096, k 20, m 0.995, dz 256, MoCo-v2's
-    views) with the extra loss balanced, at λ 0.25, from epoch 2, since the paper's Eq. 9 from the first
-    step fell 16-26 mAP behind MoCo-v2 at every budget measured (8-32 epochs; docs/study/health), where
-    this one was level with it. --preset paper runs the paper's setting as published.
+    views) with the extra loss balanced, at λ 0.25, from epoch 2. --preset paper runs the paper's setting as
+    published. Which to use: at the budgets this project measured (8 and 32 epochs, ResNet-18, three seeds;
+    README, "Which to use"), MoCo-v2 (--method mocov2) was as good and cheaper; recommended is the MLS setting
+    that did no harm there (level with MoCo-v2 at the same settings); paper reproduces the publication.
     Each option's help gives the paper's default and, where they differ, the recommended and demo values.
 
     Args:

@@ -119,7 +119,8 @@ PRESETS: dict[str, dict] = {
 PRESET_HELP = {
     "demo": "the CPU demo on the built-in scenes (configs/demo_cpu.yaml), with the recommended extra loss",
     "recommended": "the paper's settings with the extra loss balanced (positive and negative terms averaged "
-                   "apart), at λ 0.25, from epoch 2",
+                   "apart), at λ 0.25, from epoch 2; where measured, level with MoCo-v2, not ahead: README, "
+                   "Which to use",
     "paper": "the main paper's COCO settings as published: Eq. 9 at λ 0.5 from the first step",
 }
 
