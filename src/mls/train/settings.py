@@ -55,8 +55,9 @@ class TrainConfig:
                                   "always written)")
     max_failed_share: float = setting(0.05, "stop when more than this share of an epoch's images are unreadable")
     on_collapse: Literal["warn", "stop"] = setting(
-        "warn", "when the health measures show a collapsing or degrading embedding (docs/study/health): warn "
-                "(in the log, the progress bar and the summary) or stop the run")
+        "warn", "when the health watch reports a condition (a collapsed embedding, or an extra loss pushing "
+                "harder than InfoNCE; docs/study/watch): warn (in the log, the progress bar and the summary) "
+                "or stop the run")
     log_every: int = setting(10, "log every this many steps")
     seed: int = setting(0, "seed of weights, data order and augmentation")
 
