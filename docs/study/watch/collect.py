@@ -66,12 +66,17 @@ def condition_runs(folder: Path) -> list[dict]:
     return runs
 
 
+def counts(runs: list[dict]) -> tuple[int, int]:
+    """False alarms (a healthy run warned) and misses (a harmful run not warned)."""
+    return (sum(r["warned_at"] is not None and not r["harmful"] for r in runs),
+            sum(r["harmful"] and r["warned_at"] is None for r in runs))
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| condition | runs | healthy | harmful | false alarms | misses |", "|---|---|---|---|---|---|"]
     for condition in dict.fromkeys(r["condition"] for r in runs):
         rs = [r for r in runs if r["condition"] == condition]
-        alarms = sum(r["warned_at"] is not None and not r["harmful"] for r in rs)
-        misses = sum(r["harmful"] and r["warned_at"] is None for r in rs)
+        alarms, misses = counts(rs)
         lines.append(f"| {condition} | {len(rs)} | {sum(not r['harmful'] for r in rs)} | {sum(r['harmful'] for r in rs)} "
                      f"| {alarms} | {misses} |")
     lines += ["", "| run | val mAP | Δ vs MoCo-v2 | harmful | warned at step | largest λ·F_neg/F_InfoNCE "
@@ -90,9 +95,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
     runs = [r for folder in args.folders for r in condition_runs(folder)]
-    record = {"harmful_by": HARMFUL_BY, "columns": list(COLUMNS),
-              "false_alarms": sum(r["warned_at"] is not None and not r["harmful"] for r in runs),
-              "misses": sum(r["harmful"] and r["warned_at"] is None for r in runs), "runs": runs}
+    false_alarms, misses = counts(runs)
+    record = {"harmful_by": HARMFUL_BY, "columns": list(COLUMNS), "false_alarms": false_alarms, "misses": misses,
+              "runs": runs}
     (args.out / "replay.json").write_text(json.dumps(record) + "\n")
     (args.out / "results.md").write_text(table(runs))
     print(table(runs))

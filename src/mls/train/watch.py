@@ -80,7 +80,6 @@ class _Track:
 
     streak_on: int = 0
     streak_off: int = 0
-    pending: list[Finding] = field(default_factory=list)
     episodes: list[Episode] = field(default_factory=list)
 
     @property
@@ -160,7 +159,7 @@ class HealthWatch(L.Callback):
         self.tracks = {}
         for name, track in state["tracks"].items():
             episodes = [Episode(Finding(**e["first"]), e["step"], e["worst"], e["cleared"]) for e in track["episodes"]]
-            self.tracks[name] = _Track(track["streak_on"], track["streak_off"], [], episodes)
+            self.tracks[name] = _Track(track["streak_on"], track["streak_off"], episodes)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logged = pl_module.pending_health  # set by the step when it measured health (every log step)
