@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The runs registered in docs/study/PREDICTIONS.md, in order. Every `mls study` call is resumable: run this script
 # again (from the same folder) and finished cells are skipped, an interrupted one goes on from its checkpoint.
-# Run it from a folder holding datasets/photos (python benchmarks/real_photos.py --out datasets/photos) and, for the
-# fair pair at 8 epochs, fair_pair/results.json seeded with docs/study/health/results.json (its MoCo-v2 cells).
+# Run it from a folder holding datasets/photos (python benchmarks/real_photos.py --out datasets/photos). The fair pair's
+# results.json is seeded with stored cells of the same settings, which are then not run again: at 8 epochs with
+# docs/study/health/results.json, at 32 epochs with docs/study/finalists/results.json (their MoCo-v2 cells).
 set -u
 C=${MLS_CONFIGS:-$(dirname "$0")/../../configs}
 mkdir -p logs
-[ -f fair_pair/results.json ] || { mkdir -p fair_pair && cp "$(dirname "$0")/health/results.json" fair_pair/results.json; }
+seed() { [ -f "$1/results.json" ] || { mkdir -p "$1" && cp "$(dirname "$0")/$2/results.json" "$1/results.json"; }; }
+seed fair_pair health
+seed fair_pair_long finalists
 run() { name=$1; shift; echo "=== $name $(date -u +%FT%TZ)" >> queue.log; mls study "$@" > "logs/$name.log" 2>&1; echo "=== $name rc=$? $(date -u +%FT%TZ)" >> queue.log; }
 # entry 1: the watch out of sample
 run watch_scenes_32px --grid watch --seeds 1 --budget "$C/watch/scenes_32px.yaml" --out watch/scenes_32px
