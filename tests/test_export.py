@@ -13,7 +13,7 @@ from torch import nn
 
 import mls
 from conftest import tiny_checkpoint
-from mls.checkpoints.export import detectron2_checkpoint, export
+from mls.checkpoints.export import backbone_state, detectron2_checkpoint, export, save_backbone
 from mls.checkpoints.pretrained import UnreadableCheckpoint, load_backbone
 from mls.cli import main
 from mls.files import atomic_write
@@ -84,6 +84,15 @@ def test_safetensors_holds_torchvisions_names_and_says_what_it_is(ckpt, tmp_path
     assert sorted(net.load_state_dict(state, strict=False).missing_keys) == ["fc.bias", "fc.weight"]
     torch.testing.assert_close(pooled_features(net, IMAGES), pooled_features(model.backbone_q, IMAGES),
                                rtol=0, atol=1e-5)
+
+
+def test_a_channels_last_backbone_is_written_as_safetensors(ckpt, tmp_path):
+    _, model = ckpt
+    backbone = copy.deepcopy(model.backbone_q).to(memory_format=torch.channels_last)
+    assert not backbone.conv1.weight.is_contiguous()  # safetensors refuses such a tensor as it is
+    out = save_backbone(backbone_state(backbone), tmp_path / "cl.safetensors", "safetensors", {"arch": "resnet18"})
+    with safe_open(out, framework="pt") as f:
+        assert torch.equal(f.get_tensor("conv1.weight"), model.backbone_q.conv1.weight)
 
 
 def test_timm_builds_its_resnet_from_the_export(ckpt, tmp_path):

@@ -29,8 +29,10 @@ ONNX_OPSET = 18
 
 
 def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The torchvision-named state of a ResNet backbone, without the (identity) classifier."""
-    return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    """The torchvision-named state of a ResNet backbone, without the (identity) classifier, in plain row-major
+    memory (a channels-last run's tensors too, which safetensors would refuse)."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in backbone.state_dict().items()
+            if not k.startswith("fc.")}
 
 
 def detectron2_name(name: str) -> str:
@@ -151,8 +153,8 @@ def export(checkpoint: str, format: Format = "torchvision", out: str | None = No
             ``<name>.safetensors``, ``<name>.timm.safetensors`` or ``<name>.onnx``.
     """
     path, info = export_backbone(checkpoint, format, out)
-    what = "as an ONNX graph of images to pooled features" if format == "onnx" else f"in {format}'s format"
-    print(f"wrote the query backbone ({info['arch']}) {what} to {path}")
+    what = "an ONNX graph of images to pooled features" if format == "onnx" else format
+    print(f"wrote the query backbone ({info['arch']}) as {what} to {path}")
     if info["small_stem"] and format != "onnx":
         print("note: the backbone has the small-image stem (3x3 conv1, no max-pool); "
               "build the target network with the same stem before loading these weights")
