@@ -1,5 +1,7 @@
 """Bad command lines end in one `mls: error:` line that names the option (with dashes) and what it accepts."""
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +78,11 @@ def test_importing_mls_changes_no_logging_state():
         assert state() == before, (before, state())
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_version_is_the_packages(monkeypatch, capsys):
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (version,) = re.findall(r'^version = "(.+)"$', pyproject, re.M)
+    monkeypatch.setattr(sys, "argv", ["mls", "--version"])
+    console()
+    assert capsys.readouterr().out == f"mls {version}\n"

@@ -1,5 +1,6 @@
 """End-to-end pretraining: CLI, checkpoints and logs, resume, torchrun, bad input."""
 import csv
+import inspect
 import os
 import signal
 import subprocess
@@ -7,17 +8,24 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
+from safetensors.torch import load_file
 
+import mls.train.commands
 from conftest import TINY
+from mls import __version__
 from mls.checkpoints.pretrained import load_pretrained, read_checkpoint
 from mls.cli import main
 from mls.train import pretrain
+from mls.train.commands import pretrain_command
 from mls.train.module import PretrainModule
+from mls.train.run_record import write_config
+from mls.train.settings import PretrainSettings
 
 
 def tiny_args(out, **overrides):
@@ -106,6 +114,9 @@ def test_torchrun_two_process_ddp_smoke(tmp_path):
     # 2 steps x 2 ranks x 8 keys, gathered from both ranks: 32 distinct images would overflow 24
     assert int(model.queue.count) == 24
     assert len(set(model.queue["index"].tolist())) == 24
+    # rank zero alone writes the run's settings and its backbone: one summary names them
+    assert (out / "config.yaml").is_file() and (out / "export" / "backbone.safetensors").is_file()
+    assert (result.stdout + result.stderr).count("backbone: ") == 1
 
 
 def write_images(folder: Path, n: int, size=(40, 40)):
@@ -301,3 +312,56 @@ def test_an_impossible_queue_is_refused_before_lightning_prints_anything(tmp_pat
                           capture_output=True, text=True, env={**os.environ, "MLS_TRACEBACK": ""})
     assert proc.returncode == 1 and proc.stderr.startswith("mls: error: ") and "queue_size" in proc.stderr
     assert "GPU available" not in proc.stderr + proc.stdout
+
+
+def test_config_yaml_holds_every_option_and_reads_back_as_the_same_settings(tmp_path, monkeypatch):
+    (tmp_path / "start" / "images").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "start")
+    given = dict(data="images", topk=3, hue=0.25, precision="bf16-mixed", devices="0,1", lr=0.05, weight_decay=3e-5)
+    settings = PretrainSettings.resolve(given)
+    text = write_config(settings, tmp_path).read_text()
+    assert text.startswith(f"# mls pretrain's settings as resolved by mls {__version__} (torch {torch.__version__})")
+    options = set(inspect.signature(pretrain_command()).parameters) - {"out", "resume"}  # those of --help
+    keys = {line.split(":")[0] for line in text.splitlines() if line and not line.startswith(("#", " ", "-"))}
+    assert keys == options
+    seen = {}
+
+    def parsed(out, resume, preset, **options):
+        seen.update(options, out=out, preset=preset)
+
+    parsed.__doc__ = pretrain.__doc__  # the command's help is written from it
+    monkeypatch.setattr(mls.train.commands, "pretrain", parsed)
+    monkeypatch.chdir(tmp_path)  # another folder: the data's path must not depend on where the run starts
+    main(["pretrain", "--config", str(tmp_path / "config.yaml"), "--out", "other"])
+    assert seen.pop("out") == "other" and seen.pop("preset") == "recommended"
+    again = PretrainSettings.resolve(seen, "recommended")
+    assert again.values() == {**settings.values(), "data": str(tmp_path / "start" / "images")}
+    assert (again.model.topk, again.view.hue, again.train.weight_decay, again.train.devices) == (3, 0.25, 3e-5, "0,1")
+
+
+@pytest.mark.slow
+def test_a_run_repeats_from_its_config_yaml_and_exports_its_backbone(tmp_path, monkeypatch, caplog):
+    main(["pretrain", *tiny_args(tmp_path / "first", epochs=1, max_steps=2, seed=3, topk=3, momentum=0.9)])
+    first = tmp_path / "first"
+    assert "data: null" in (first / "config.yaml").read_text()
+    model, _ = load_pretrained(first / "checkpoints" / "last.ckpt")
+    exported = load_file(first / "export" / "backbone.safetensors")
+    assert exported.keys() == {k for k in model.backbone_q.state_dict() if not k.startswith("fc.")}
+    assert all(torch.equal(exported[k], v) for k, v in model.backbone_q.state_dict().items() if k in exported)
+    assert f"backbone: {first / 'export' / 'backbone.safetensors'}" in caplog.text
+    assert f"mls pretrain --config {first / 'config.yaml'} --out OTHER" in caplog.text
+
+    main(["pretrain", "--config", str(first / "config.yaml"), "--out", str(tmp_path / "again")])
+    rows, again = metrics(first), metrics(tmp_path / "again")
+    steps = [row for row in rows if row.get("train/loss")]
+    assert len(steps) == 2 and steps[0]["train/loss"] == again[0]["train/loss"]  # not the demo's 2,000 scenes
+    assert [r["train/loss"] for r in again if r.get("train/loss")] == [r["train/loss"] for r in steps]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed")
+
+    monkeypatch.setattr(L.Trainer, "fit", crash)
+    with pytest.raises(RuntimeError, match="crashed"):
+        pretrain(out=str(tmp_path / "crashed"), epochs=1, **TINY)
+    assert "num_images: 48" in (tmp_path / "crashed" / "config.yaml").read_text()
+    assert not (tmp_path / "crashed" / "export").exists()

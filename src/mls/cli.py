@@ -1,7 +1,7 @@
 """The ``mls`` command: every sub-command is a typed function, parsed by jsonargparse.
 
 Options may be written with dashes or underscores (``--mls-loss`` or ``--mls_loss``);
-``--config FILE.yaml`` on any sub-command sets its options from a file.
+``--config FILE.yaml`` on any sub-command sets its options from a file; ``mls --version`` names the version.
 """
 from __future__ import annotations
 
@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and run the sub-command; errors propagate (for use from Python and tests): a bad option
     value, an unknown option or config key as ``argparse.ArgumentError`` (``usage_error`` words it)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:
+        from mls import __version__
+
+        print(f"mls {__version__}")
+        return
     if not {"-h", "--help"} & set(argv):
         CLI(_commands(), prog="mls", args=_underscore_options(argv), exit_on_error=False)
         return

@@ -76,6 +76,8 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":  # exported weights (mls export --format safetensors or timm)
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, ImportError, AttributeError, IndexError,
@@ -85,6 +87,19 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise UnreadableCheckpoint(path, _unreadable_reason(path, error)) from None
     except OSError as error:
         raise UnreadableCheckpoint(path, error.strerror or str(error)) from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or ``UnreadableCheckpoint`` saying what is wrong with it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        said = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableCheckpoint(path, "the file is empty" if path.stat().st_size == 0
+                                   else f"it is not a readable safetensors file (safetensors: {said})") from None
 
 
 def is_pretraining_checkpoint(ckpt: dict) -> bool:
@@ -168,7 +183,7 @@ def load_backbone(
 ) -> tuple[nn.Module, int, dict]:
     """A torchvision ResNet (``fc = Identity``) with the query-encoder weights of ``weights``.
 
-    ``weights`` is a pretraining checkpoint, an exported torchvision state_dict, or
+    ``weights`` is a pretraining checkpoint, exported torchvision or safetensors weights, or
     ``"random"``. Returns the backbone, its feature size and ``backbone_info``'s dict.
     """
     ckpt = None if weights == "random" else read_checkpoint(weights)

@@ -26,6 +26,7 @@ from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
 from mls.train.pretrain_options import PretrainOptions
 from mls.train.resume import AtomicCheckpointIO, checkpoint_callbacks, last_checkpoint, start_point
+from mls.train.run_record import export_run_backbone, write_config
 from mls.train.settings import PRESET_HELP, PretrainSettings, TrainConfig
 from mls.train.summary import run_summary
 from mls.train.watch import HealthWatch
@@ -142,6 +143,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
     ensure_writable_folder(out_dir)  # the last check before the run's first line: a refused run leaves no folder
     rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}); "
                    f"{settings.summary()}; writing to {out_dir}")
+    write_config(settings, out_dir)
     trainer = build_trainer(settings.train, out_dir)
     if trainer.world_size != world_size:  # devices named in a way planned_world_size does not read
         check_settings(len(data.source), settings.train.batch_size, trainer.world_size, settings.model.queue_size)
@@ -149,5 +151,5 @@ def pretrain(out: str | None = None, resume: str | None = None,
     with lightning_warnings_left_out():
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     last = last_checkpoint(out_dir)
-    rank_zero_info(run_summary(trainer, settings, out_dir, last))
+    rank_zero_info(run_summary(trainer, settings, out_dir, last, export_run_backbone(last, out_dir)))
     return last

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from mls.method.extra_losses import EXTRA_LOSSES
 from mls.train.console import health_watch
+from mls.train.run_record import CONFIG
 from mls.train.settings import PretrainSettings
 
 
@@ -32,9 +33,11 @@ def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
     return int(epoch), {key: sum(v) / len(v) for key, v in values.items()}
 
 
-def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path) -> str:
+def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path,
+                exported: Path | None = None) -> str:
     """What a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
-    precision, where the files are, and the commands that look at the result."""
+    precision, where the files are (``exported``: the backbone for other tools), and the commands that look
+    at the result or repeat the run."""
     csv_dir = next(logger.log_dir for logger in trainer.loggers if isinstance(logger, CSVLogger))
     epoch, means = last_epoch_means(Path(csv_dir) / "metrics.csv")
     lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
@@ -52,6 +55,10 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
     if watch is not None:
         lines.append(watch.verdict)
     lines.append(f"logs: {csv_dir}/metrics.csv and {out / 'tensorboard'}")
+    lines.append(f"settings: {out / CONFIG} (mls pretrain --config {out / CONFIG} --out OTHER runs the same again)")
+    if exported is not None:
+        lines.append(f"backbone: {exported} (safetensors, named as torchvision and timm name it; mls export for "
+                     "ONNX or detectron2)")
     evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
                 else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
     lines += ["next:",
