@@ -108,8 +108,8 @@ def test_shard_refuses_bad_folders_before_writing(tmp_path):
         shard(str(folder), out=str(tmp_path / "c"), size="abc")
     assert not (tmp_path / "c").exists()
     assert (chunk_bytes("64MB"), chunk_bytes("40 kb"), chunk_bytes("1.5GB")) == (64 * 1024**2, 40 * 1024, 3 * 1024**3 // 2)
-    with pytest.raises(ValueError, match="writes to a local folder"):
-        shard(str(folder), out="s3://bucket/shards")
+    with pytest.raises(ValueError, match="writes to a local folder or an s3:// URL"):
+        shard(str(folder), out="gs://bucket/shards")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.jpg").write_text("no")
     with pytest.raises(ValueError, match="none of the 1 image files"):

@@ -10,11 +10,15 @@ import json
 import multiprocessing
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
+from mls.data.buckets import check_writable, is_s3, upload_folder
 from mls.data.images import ImageFolderSource, UnreadableImage, image_set_fingerprint, load_rgb
 from mls.data.shards import FORMAT, MANIFEST, NAMES, is_remote
 from mls.files import atomic_write, ensure_writable_folder
@@ -68,16 +72,28 @@ def shard_item(name_and_path: tuple[str, str]) -> dict:
     return {"name": name, "image": Path(path).read_bytes()}
 
 
-def _output_folder(out: str) -> Path:
-    """``out`` as an empty local folder, created if need be."""
+@contextmanager
+def _output_folder(out: str) -> Iterator[Path]:
+    """The folder the shard set is written in: ``out``, empty, created if need be (removed again if the work
+    fails before writing in it); for an empty ``s3://`` prefix (checked first), a temporary folder."""
+    if is_s3(out):
+        check_writable(out)
+        with tempfile.TemporaryDirectory(prefix="mls-shard-") as staging:
+            yield Path(staging)
+        return
     if is_remote(out):
-        raise ValueError(f"--out {out}: mls shard writes to a local folder; copy it to a bucket afterwards "
-                         "(e.g. `aws s3 sync OUT s3://bucket/path`), then pass the URL to --data")
+        raise ValueError(f"--out {out}: mls shard writes to a local folder or an s3:// URL; copy it to another store "
+                         "afterwards (e.g. `gsutil rsync OUT gs://bucket/path`), then pass the URL to --data")
     folder = ensure_writable_folder(out)
     if any(folder.iterdir()):
         raise FileExistsError(f"--out {out} is not empty; shard into a new folder (an interrupted `mls shard` leaves "
                               f"one without {MANIFEST}: delete it and shard again)")
-    return folder
+    try:
+        yield folder
+    except BaseException:
+        if not any(folder.iterdir()):
+            folder.rmdir()  # still empty: nothing is left behind
+        raise
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -92,12 +108,12 @@ def shard(data: str, out: str | None = None, size: str = "64MB", workers: int | 
 
     Each readable image's file is stored as it is, with its relative name, in chunks of about ``size``;
     unreadable files are left out, counted and named in the manifest. Pretraining on the shards draws
-    the same views as on the folder (same image indices, same seeds). Copy the folder to a bucket to
-    stream it from there (``--data s3://bucket/path``).
+    the same views as on the folder (same image indices, same seeds). An ``s3://bucket/path`` is written
+    in a temporary folder, then uploaded (the manifest last); stream it from there with ``--data``.
 
     Args:
         data: the image folder.
-        out: a new (or empty) local folder for the shard set (required).
+        out: a new (or empty) local folder, or an empty s3:// prefix, for the shard set (required).
         size: the largest chunk, as litdata writes it (e.g. 64MB, 256MB).
         workers: processes checking and writing images (default: the CPU count, at most 8).
     """
@@ -110,19 +126,20 @@ def shard(data: str, out: str | None = None, size: str = "64MB", workers: int | 
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     folder = ImageFolderSource(data)
-    target = _output_folder(out)
-    readable, unreadable = check_images(folder, workers)
-    if not readable:
-        target.rmdir()  # still empty: nothing is left behind
-        raise ValueError(f"none of the {len(folder)} image files in {data} can be read, e.g. "
-                         f"{unreadable[0]['name']}: {unreadable[0]['reason']}")
-    litdata.optimize(fn=shard_item, inputs=[(name, str(folder.root / name)) for name in readable],
-                     output_dir=str(target), chunk_bytes=size_bytes, num_workers=min(workers, len(readable)),
-                     keep_data_ordered=True, reorder_files=False, start_method=START_METHOD, verbose=True)
-    manifest = shard_manifest(folder, readable, unreadable, size)
-    atomic_write(target / NAMES, lambda tmp: Path(tmp).write_text("\n".join(readable) + "\n"))
-    _write_json(target / MANIFEST, manifest)  # last: a set without it is not a shard set
-    print(shard_report(manifest, target))
+    with _output_folder(out) as target:
+        readable, unreadable = check_images(folder, workers)
+        if not readable:
+            raise ValueError(f"none of the {len(folder)} image files in {data} can be read, e.g. "
+                             f"{unreadable[0]['name']}: {unreadable[0]['reason']}")
+        litdata.optimize(fn=shard_item, inputs=[(name, str(folder.root / name)) for name in readable],
+                         output_dir=str(target), chunk_bytes=size_bytes, num_workers=min(workers, len(readable)),
+                         keep_data_ordered=True, reorder_files=False, start_method=START_METHOD, verbose=True)
+        manifest = shard_manifest(folder, readable, unreadable, size)
+        atomic_write(target / NAMES, lambda tmp: Path(tmp).write_text("\n".join(readable) + "\n"))
+        _write_json(target / MANIFEST, manifest)  # last: a set without it is not a shard set
+        if is_s3(out):
+            upload_folder(target, out, last=MANIFEST)
+        print(shard_report(manifest, target, out))
     return manifest
 
 
@@ -135,14 +152,14 @@ def shard_manifest(folder: ImageFolderSource, readable: list[str], unreadable: l
             "unreadable": unreadable[:LISTED_UNREADABLE], "mls_version": __version__}
 
 
-def shard_report(manifest: dict, target: Path) -> str:
-    """The command's last lines: what was written, and what was left out."""
+def shard_report(manifest: dict, target: Path, out: str) -> str:
+    """The command's last lines: what was written in ``target`` (to ``out``), and what was left out."""
     chunks = sorted(target.glob("*.bin"))
     megabytes = sum(p.stat().st_size for p in chunks) / 2**20
-    lines = [f"{manifest['num_images']} images in {len(chunks)} chunks ({megabytes:.1f} MB) in {target}"]
+    lines = [f"{manifest['num_images']} images in {len(chunks)} chunks ({megabytes:.1f} MB) in {out}"]
     if manifest["skipped"]:
         shown = manifest["unreadable"][:3]
         lines.append(f"skipped {manifest['skipped']} unreadable: " + "; ".join(
             f"{u['name']} ({u['reason']})" for u in shown) + (" ..." if manifest["skipped"] > len(shown) else ""))
-    lines.append(f"next: mls pretrain --data {target}")
+    lines.append(f"next: mls pretrain --data {out}")
     return "\n".join(lines)

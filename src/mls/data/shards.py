@@ -9,8 +9,8 @@ fingerprint a folder run of the same images records, the images skipped as unrea
 Image ``i`` of a shard set is image ``i`` of the folder it was made from (unless the folder had
 unreadable files, which the shards leave out), so the sampler, the per-image seeding of the views, the
 queue's image indices and the figures work on shards as on a folder. Images are read one at a time by
-index (``StreamingDataset[i]``): from a local chunk with one seek, from a bucket with one ranged request
-for that image's bytes, so no chunk has to be downloaded whole.
+index (``StreamingDataset[i]``): from a local chunk with one seek; from a bucket, each chunk is downloaded
+whole into litdata's cache the first time one of its images is read (``ShardSource.record`` says why).
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from PIL import Image
 
+from mls.data.buckets import check_readable, is_s3
 from mls.data.images import decode_pixels, decode_rgb, labels_to_multi_hot, read_coco_labels
 
 MANIFEST = "mls_shards.json"
@@ -43,8 +45,8 @@ def is_shard_set(location: str | os.PathLike) -> bool:
 
 
 def _cache_folder(location: str, cache_dir: str | None) -> Path:
-    """Where the files of a remote shard set are kept: ``cache_dir``, or one folder per URL under
-    ``$MLS_CACHE`` (default ``~/.cache/mls``)/shards."""
+    """Where the files of a remote shard set (its manifest, names, then chunks) are kept: ``cache_dir``, or one
+    folder per URL under ``$MLS_CACHE`` (default ``~/.cache/mls``)/shards."""
     if cache_dir is not None:
         return Path(cache_dir)
     root = Path(os.environ.get("MLS_CACHE", Path.home() / ".cache" / "mls"))
@@ -66,8 +68,10 @@ def _fetch(location: str, name: str, cache_dir: str | None) -> Path:
     local, partial = folder / name, folder / f".{name}.{os.getpid()}"
     try:
         get_downloader(location, str(folder), []).download_file(f"{location.rstrip('/')}/{name}", str(partial))
-    except Exception as error:  # each store raises its own kind
-        raise FileNotFoundError(f"cannot read {name} of the shard set {location}: {error}") from error
+    except Exception as error:  # each store raises its own kind, some with pages of detail: the first line
+        raise FileNotFoundError(f"cannot read {name} of the shard set {location}: "
+                                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                                ) from error
     os.replace(partial, local)
     return local
 
@@ -87,13 +91,15 @@ class ShardSource:
     ``fingerprint()``.
 
     ``cache_dir``: where the manifest and names of a remote set are kept (``_cache_folder``), and litdata's
-    index (its own default cache when ``None``).
+    index and chunks (under ``chunks/``).
     Each process opens its own ``StreamingDataset`` on first read (worker processes included).
     """
 
     def __init__(self, location: str | os.PathLike, annotations: str | None = None, cache_dir: str | None = None):
         self.location = str(location)
         self.cache_dir = cache_dir
+        if is_s3(self.location):  # credentials, bucket and files, in one line each, before any training
+            check_readable(self.location, (MANIFEST, INDEX))
         self.manifest = read_manifest(self.location, cache_dir)
         if not is_remote(self.location) and not (Path(self.location) / INDEX).is_file():
             raise FileNotFoundError(f"{self.location} holds the manifest of a shard set but not litdata's {INDEX}: "
@@ -101,6 +107,11 @@ class ShardSource:
         self.classes: tuple[str, ...] | None = None
         self._labels: list[list[int]] | None = None
         self._dataset, self._opened_in = None, None
+        if is_remote(self.location):
+            # litdata's index fetched once, before worker processes start; the ranks of a node one after the
+            # other (litdata waits 1 s for another process's download of it, then fails)
+            with FileLock(str(_cache_folder(self.location, cache_dir) / ".open.lock")):
+                self._open()
         if annotations is not None:
             self._label_by_name(annotations)
 
@@ -130,10 +141,19 @@ class ShardSource:
         if not 0 <= i < len(self):
             raise IndexError(f"image {i} of a shard set of {len(self)}")
         if self._dataset is None or self._opened_in != os.getpid():  # a forked worker opens its own
-            from litdata import StreamingDataset
-
-            self._dataset, self._opened_in = StreamingDataset(self.location, cache_dir=self.cache_dir), os.getpid()
+            self._open()
         return self._dataset[i]
+
+    def _open(self) -> None:
+        """This process's ``StreamingDataset``; a remote set's index and chunks in ``chunks/`` of the cache."""
+        from litdata import StreamingDataset
+
+        chunks = str(_cache_folder(self.location, self.cache_dir) / "chunks") if is_remote(self.location) else None
+        dataset = StreamingDataset(self.location, cache_dir=chunks)
+        # litdata 0.2.76 reads one item of a remote chunk by a ranged request that misreads the chunks its
+        # own optimize writes for these items (an Arrow row footer): read whole chunks, kept in its cache
+        dataset._on_demand_bytes = False
+        self._dataset, self._opened_in = dataset, os.getpid()
 
     def _encoded(self, i: int) -> tuple[bytearray, str]:
         """Image ``i``'s file bytes (one copy of what litdata read) and a name for messages (the set, then the file)."""
