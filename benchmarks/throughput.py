@@ -38,7 +38,7 @@ from mls.data.augment import MoCoV2View, TwoViewDataset
 from mls.data.device_views import WorkerView, apply_appearance, collate_views
 from mls.data.images import ImageFolderSource, load_pixels, load_rgb
 from mls.data.synthetic import SyntheticScenes
-from mls.train.data_module import SeededViews
+from mls.train.data_order import SeededSamples
 from mls.train.fit import build_data, build_module
 from mls.train.settings import PretrainSettings
 
@@ -100,8 +100,8 @@ def worker_side(sources: dict, sizes: list[int], seconds: float) -> dict:
             for size in sizes:
                 source = make_source(size)
                 view = MoCoV2View(size, **MOCO_V2)
-                paths = {"cpu": SeededViews(TwoViewDataset(source, view), seed=0),
-                         "device": SeededViews(TwoViewDataset(source, WorkerView(view), tensors=True), seed=0)}
+                paths = {"cpu": SeededSamples(TwoViewDataset(source, view), seed=0),
+                         "device": SeededSamples(TwoViewDataset(source, WorkerView(view), tensors=True), seed=0)}
                 counter = iter(range(10**9))
                 samples = rates({path: lambda data=data: data[(0, next(counter) % len(source))]  # noqa: B023 (called in this loop)
                                  for path, data in paths.items()}, seconds)

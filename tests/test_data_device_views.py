@@ -12,7 +12,8 @@ from mls.data.device_views import WorkerView, apply_appearance, collate_views, d
 from mls.data.images import ImageFolderSource
 from mls.data.synthetic import SyntheticScenes
 from mls.method.backbones import IMAGENET_MEAN, IMAGENET_STD
-from mls.train.data_module import PretrainData, SeededViews
+from mls.train.data_module import PretrainData
+from mls.train.data_order import SeededSamples
 from mls.train.fit import build_data
 from mls.train.settings import PretrainSettings, TrainConfig
 
@@ -55,8 +56,8 @@ def test_crop_boxes_and_draws_match_through_the_data_set_and_loader_workers(tmp_
     for i in range(len(scenes)):
         scenes.image(i).save(tmp_path / f"{i:02d}.jpg", quality=90)
     source, view = ImageFolderSource(tmp_path), MoCoV2View(16, **MOCO_V2)
-    cpu = SeededViews(TwoViewDataset(source, view), seed=5)
-    dev = SeededViews(TwoViewDataset(source, WorkerView(view), tensors=True), seed=5)
+    cpu = SeededSamples(TwoViewDataset(source, view), seed=5)
+    dev = SeededSamples(TwoViewDataset(source, WorkerView(view), tensors=True), seed=5)
     keys = [(2, i) for i in range(len(scenes))]
     loader = torch.utils.data.DataLoader(dev, batch_size=6, sampler=keys, num_workers=2, collate_fn=collate_views)
     in_workers = list(loader)

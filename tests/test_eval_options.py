@@ -18,7 +18,8 @@ GIVEN = {"epochs": (3, "3"), "lr": (0.5, "0.5"), "weight_decay": (0.25, "0.25"),
          "k": (7, "7"), "temperature": (0.5, "0.5"), "weights": ("w.pth", "w.pth"), "dataset": ("coco", "coco"),
          "data": ("d", "d"), "runs": (3, "3"), "batch_size": (8, "8"), "image_size": (32, "32"),
          "arch": ("resnet18", "resnet18"), "small_stem": (True, "true"), "workers": (1, "1"), "out": ("o", "o"),
-         "seed": (5, "5"), "synthetic_images": (16, "16")}
+         "seed": (5, "5"), "synthetic_images": (16, "16"), "save_every": (2, "2"), "resume": ("auto", "auto")}
+RESUMING = ("save_every", "resume")  # fine-tuning's: how its runs go on, given to the protocol, not its settings
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -48,9 +49,11 @@ def test_an_option_given_reaches_the_settings_the_command_runs_with(name, throug
         command(**{option: value for option, (value, _) in values.items()})
     else:
         main(["eval", name, *[arg for option, (_, text) in values.items() for arg in (f"--{option}", text)]])
-    (_, _, settings, _, run), = seen
+    (_, protocol_fn, settings, _, run), = seen
     assert run == EvalRun(**{f.name: values[f.name][0] for f in dataclasses.fields(EvalRun)})
-    assert settings == {f.name: values[f.name][0] for f in dataclasses.fields(protocol)}
+    assert settings == {f.name: values[f.name][0] for f in dataclasses.fields(protocol) if f.name not in RESUMING}
+    if name == "finetune":
+        assert {k: protocol_fn.keywords[k] for k in RESUMING} == {k: values[k][0] for k in RESUMING}
 
 
 def test_unknown_options_are_refused_and_workers_are_read_when_a_command_runs(monkeypatch):

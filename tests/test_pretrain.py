@@ -176,7 +176,12 @@ def test_impossible_settings_are_rejected_before_training(tmp_path, overrides, m
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_with_its_queues(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_with_its_queues(tmp_path, stop):
+    """SIGTERM (a cancelled job), or SIGUSR1 (SLURM's warning before the time limit, which also ends the run with
+    exit status 75 for the job script to requeue it; docs/cluster.md)."""
+    from mls.train.resume import REQUEUE_STATUS
+
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mls.cli", "pretrain", *tiny_args(out, epochs=100)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -186,10 +191,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_with_its_queues(tmp_path
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
             time.sleep(0.5)
         time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         proc.wait(timeout=120)
     finally:
         proc.kill()
+    if stop == signal.SIGUSR1:
+        assert proc.returncode == REQUEUE_STATUS, proc.stderr.read()[-3000:]
     interrupted = read_checkpoint(out / "checkpoints" / "interrupted.ckpt")
     step = interrupted["global_step"]
     assert step >= TINY["num_images"] // TINY["batch_size"]

@@ -4,7 +4,7 @@ With ``augment_on="device"`` a data-loader worker decodes the image, takes the r
 the flip (``MoCoV2View.crop_and_flip``, so the boxes are the CPU path's) and sends the view as uint8,
 with the random parameters of its colour jitter, grayscale and blur drawn there as small tensors.
 The draws are torchvision's own calls in torchvision's order (``RandomApply``, ``ColorJitter``,
-``RandomGrayscale``, ``GaussianBlur``), so under the per-sample seed of ``SeededViews`` a sample
+``RandomGrayscale``, ``GaussianBlur``), so under the per-sample seed of ``SeededSamples`` a sample
 gets the same crop, flip and parameters on either path, whatever the number of workers.
 ``apply_appearance`` then applies them to the whole batch on its device with kornia's
 torchvision-compatible kernels, each sample its own factors and its own order of the four jitter

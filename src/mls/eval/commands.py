@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -53,8 +54,13 @@ def evaluate(name: str, protocol, settings: dict, default_batch: int, run: EvalR
     if task.data.multilabel:  # which classes a backbone serves well: the area AP of each, averaged over runs
         per_class = torch.stack([average_precision(*o) for o in outputs]).mean(0)
         result["per_class_ap"] = {c: 100 * ap for c, ap in zip(task.data.classes, per_class.tolist())}
-    print(write_report(run.out or f"runs/eval/{run.dataset}-{name}", result))
+    print(write_report(report_folder(run, name), result))
     return result
+
+
+def report_folder(run: EvalRun, name: str) -> str:
+    """Where a protocol's report (and fine-tuning's runs) go: ``--out``, else runs/eval/DATASET-PROTOCOL."""
+    return run.out or f"runs/eval/{run.dataset}-{name}"
 
 
 @LINEAR.options
@@ -72,7 +78,8 @@ def finetune(**options) -> dict:
     recipe = finetuning.recipe_for(run.dataset, epochs=given.epochs, lr=given.lr, weight_decay=given.weight_decay)
     settings = {"epochs": recipe.epochs, "lr": recipe.lr, "weight_decay": recipe.weight_decay,
                 "precision": given.precision}
-    protocol = partial(finetuning.finetune_model, **settings)
+    protocol = partial(finetuning.finetune_model, **settings, runs_in=Path(report_folder(run, "finetune")),
+                       first_seed=run.seed, save_every=given.save_every, resume=given.resume)
     return evaluate("finetune", protocol, settings, recipe.batch_size, run)
 
 

@@ -15,6 +15,8 @@ the command line.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -24,6 +26,9 @@ from torch.utils.data import DataLoader
 from mls.eval.datasets import DATASETS, Transformed
 from mls.eval.probes import Task, classification_loss
 from mls.eval.transforms import test_transform, train_transform
+from mls.train.console import lightning_warnings_left_out
+from mls.train.data_order import SeededLoader
+from mls.train.resume import RunRecord, checkpoint_callbacks, run_of_set, trainer_plugins
 
 
 @dataclass(frozen=True)
@@ -74,18 +79,40 @@ class FineTuner(L.LightningModule):
         return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)]
 
 
-def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true") -> tuple:
-    """Fine-tune a fresh copy of the backbone on the training split; return test logits and targets."""
+def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true",
+                   runs_in: Path | None = None, first_seed: int = 0, save_every: int = 1,
+                   resume: str | None = None) -> tuple:
+    """Fine-tune a fresh copy of the backbone on the training split; return test logits and targets.
+
+    With ``runs_in``, the run of ``seed`` has its folder there, ``run{seed - first_seed}``: it checkpoints every
+    ``save_every`` epochs and keeps its result, and with ``resume="auto"`` a finished run is read back and an
+    unfinished one goes on from its furthest checkpoint.
+    """
     L.seed_everything(seed, workers=True, verbose=False)
+    folder = None if runs_in is None else runs_in / f"run{seed - first_seed}"
+    record = {"seed": seed, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "precision": precision,
+              "weights": task.weights, "arch": task.arch, "small_stem": task.small_stem, "image_size": task.image_size,
+              "batch_size": task.batch_size, "classes": list(task.data.classes), "train_images": len(task.data.train)}
+    callbacks = []
+    if folder is not None:
+        callbacks = [*checkpoint_callbacks(folder, save_every, numbered=False), RunRecord(record)]
+    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
+                        enable_model_summary=False, default_root_dir=folder,
+                        callbacks=callbacks, plugins=trainer_plugins(), enable_checkpointing=folder is not None)
+    train = partial(_train, task, seed, trainer, epochs, lr, weight_decay)
+    return train(None) if folder is None else run_of_set(folder, resume, record, train)
+
+
+def _train(task: Task, seed: int, trainer: L.Trainer, epochs: int, lr: float, weight_decay: float,
+           ckpt_path: str | None) -> tuple:
     backbone, dim = task.backbone()
     model = FineTuner(backbone, dim, len(task.data.classes), task.data.multilabel, epochs, lr, weight_decay)
-    train = DataLoader(Transformed(task.data.train, train_transform(task.image_size)), batch_size=task.batch_size,
-                       shuffle=True, drop_last=len(task.data.train) > task.batch_size, num_workers=task.workers)
+    train = Transformed(task.data.train, train_transform(task.image_size))
+    data = SeededLoader(train, task.batch_size, seed, task.workers, drop_last=len(task.data.train) > task.batch_size)
     test = DataLoader(Transformed(task.data.test, test_transform(task.image_size)), batch_size=task.batch_size,
                       num_workers=task.workers)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False)
-    trainer.fit(model, train)
+    with lightning_warnings_left_out():
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     logits, targets = zip(*trainer.predict(model, test))
     return torch.cat(logits), torch.cat(targets)
 

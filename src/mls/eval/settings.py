@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 from mls.eval.datasets import DATASETS
 from mls.method.settings import setting
@@ -33,6 +34,15 @@ class FinetuneProtocol:
     lr: float | None = setting(None, "initial learning rate, SGD momentum 0.9, cosine (default: the data set's recipe)")
     weight_decay: float | None = setting(None, "weight decay (default: the data set's recipe)")
     precision: str = setting("32-true", "Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed")
+    save_every: int = setting(1, "write each run's checkpoints/last.ckpt every this many epochs (and at its end), "
+                                 "to go on from with --resume auto; 0: only at the end, on a crash or a signal")
+    resume: Literal["auto"] | None = setting(None, "auto: go on with the runs in OUT: a finished run's result is "
+                                                   "read back, an unfinished one goes on from its furthest "
+                                                   "checkpoint; unset: a fresh set (refused where OUT holds runs)")
+
+    def __post_init__(self):
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0 (0: only at the end), got {self.save_every}")
 
 
 @dataclass(frozen=True)

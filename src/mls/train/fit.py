@@ -11,6 +11,7 @@ only defines things.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,7 @@ from mls.train.console import ProgressBar, lightning_warnings_left_out, quiet_li
 from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
 from mls.train.pretrain_options import PretrainOptions
-from mls.train.resume import AtomicCheckpointIO, checkpoint_callbacks, last_checkpoint, start_point
+from mls.train.resume import check_resumable, checkpoint_callbacks, last_checkpoint, start_point, trainer_plugins
 from mls.train.run_record import export_run_backbone, write_config
 from mls.train.settings import PRESET_HELP, PretrainSettings, TrainConfig
 from mls.train.summary import run_summary
@@ -71,7 +72,8 @@ def build_data(settings: PretrainSettings) -> PretrainData:
 
 
 def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
-    """Lightning's trainer: DDP without buffer broadcasting on several devices, atomic checkpoints, logs."""
+    """Lightning's trainer: DDP without buffer broadcasting on several devices, atomic checkpoints (under SLURM
+    without Lightning's own requeue: ``trainer_plugins``), logs."""
     multi = train.devices not in (1, "1") or train.num_nodes > 1 or train.strategy == "ddp"
     strategy = DDPStrategy(broadcast_buffers=False) if multi and train.strategy in ("auto", "ddp") else train.strategy
     return L.Trainer(
@@ -85,7 +87,7 @@ def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
         max_steps=train.max_steps,
         use_distributed_sampler=False,
         log_every_n_steps=train.log_every,
-        plugins=[AtomicCheckpointIO()],
+        plugins=trainer_plugins(),
         callbacks=[*checkpoint_callbacks(out, train.save_every),
                    ProgressBar(refresh_rate=max(1, train.log_every // 2)),
                    HealthWatch(train.on_collapse)],
@@ -136,7 +138,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
     L.seed_everything(settings.train.seed, workers=True, verbose=False)
     data = build_data(settings)
     described = data.describe()
-    ckpt_path = start_point(resume, out_dir, described)
+    ckpt_path = start_point(resume, out_dir, partial(check_resumable, data=described))
     # before Lightning prints anything, for every rank the run will have
     world_size = planned_world_size(settings.train)
     check_settings(len(data.source), settings.train.batch_size, world_size, settings.model.queue_size)

@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mls.checkpoints.pretrained import backbone_info, load_backbone
 from mls.eval.results import summarise, write_report
+from mls.train.console import lightning_warnings_left_out
+from mls.train.data_order import SeededLoader, SeededSteps
+from mls.train.resume import RunRecord, checkpoint_callbacks, run_of_set
 from mls.transfer.detection import build_detector, detection_losses, evaluate_detection
 from mls.transfer.detection_data import CocoInstances, DetectionSplits, collate_lists, load_detection_splits
 from mls.transfer.segmentation import DILATABLE, build_segmenter, evaluate_segmentation, segmentation_losses
@@ -52,15 +55,18 @@ def _required(value: str | None, option: str) -> str:
     return value
 
 
-def _repeat(run_once: Callable[[Path], dict | None], runs: int, seed: int, out: Path,
+def _repeat(run_once: Callable[[Path, int, dict], dict | None], runs: int, seed: int, out: Path,
             result: dict) -> dict | None:
-    """Fine-tune and evaluate ``runs`` times (seeds seed, seed+1, ...); the first process writes the report."""
+    """Fine-tune and evaluate ``runs`` times (seeds seed, seed+1, ...), each run in its folder ``run{r}`` (with
+    ``--resume auto``, a finished one is read back); the first process writes the report."""
     if runs < 1:
         raise ValueError(f"--runs must be at least 1, got {runs}")
     per_run = []
+    # what each run's checkpoints must agree with to go on from them: all but the number of runs, and the seed
+    record = {**result, "settings": {k: v for k, v in result["settings"].items() if k != "runs"}}
     for r in range(runs):
         L.seed_everything(seed + r, workers=True, verbose=False)
-        scores = run_once(out / f"run{r}")
+        scores = run_once(out / f"run{r}", seed + r, {**record, "seed": seed + r})
         if scores is None:  # not the first process: it only trains
             continue
         print(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
@@ -75,7 +81,7 @@ def _repeat(run_once: Callable[[Path], dict | None], runs: int, seed: int, out: 
 
 @dataclasses.dataclass(frozen=True)
 class FineTuning:
-    """One run of a transfer command: called with its folder, it fine-tunes a fresh network on the pretrained
+    """One run of a transfer command: called with its folder, seed and settings, it fine-tunes a fresh network on the pretrained
     backbone (every process); the first process then scores it on the test set, every other one returns None."""
 
     run: RunOptions
@@ -91,18 +97,28 @@ class FineTuning:
     test_batch: int
     collate_fn: Callable | None = None
 
-    def __call__(self, run_dir: Path) -> dict | None:
-        """Train on the training split; the first process returns the scores, every other one None."""
+    def __call__(self, run_dir: Path, seed: int, record: dict) -> dict | None:
+        """Train on the training split (with ``--resume auto``, from where the run stopped, or not at all if it
+        finished); the first process returns the scores, every other one None. ``record``: the run's settings,
+        which its checkpoints keep and a resumed run must match."""
+        callbacks = [*checkpoint_callbacks(run_dir, self.run.save_every, per="step", numbered=False),
+                     SeededSteps(seed), RunRecord(record)]
+        trainer = self.run.trainer(run_dir, self.max_iters, callbacks)
+        return run_of_set(run_dir, self.run.resume, record, partial(self._train, trainer, seed), trainer.is_global_zero)
+
+    def _train(self, trainer: L.Trainer, seed: int, ckpt_path: str | None) -> dict | None:
         workers = self.run.loader_workers
-        loader = partial(DataLoader, num_workers=workers, persistent_workers=workers > 0, collate_fn=self.collate_fn)
         backbone = load_backbone(self.run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])[0]
         network = self.build(backbone)
         module = TransferModule(network, self.losses, **self.sgd)
-        trainer = self.run.trainer(run_dir, self.max_iters)
-        trainer.fit(module, loader(self.train_set, batch_size=self.per_device, shuffle=True, drop_last=True))
+        data = SeededLoader(self.train_set, self.per_device, seed, workers, self.collate_fn)
+        with lightning_warnings_left_out():
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         if not trainer.is_global_zero:
             return None
-        return self.score(network, loader(self.test_set, batch_size=self.test_batch), device=trainer.strategy.root_device)
+        test = DataLoader(self.test_set, batch_size=self.test_batch, num_workers=workers,
+                          persistent_workers=workers > 0, collate_fn=self.collate_fn)
+        return self.score(network, test, device=trainer.strategy.root_device)
 
 
 def _detection_sets(data: str | None, format: str,

@@ -7,15 +7,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from mls.command_options import flat_options, split_options
 from mls.method.settings import check, field_doc, setting
+from mls.train.resume import trainer_plugins
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 
@@ -86,8 +88,10 @@ def per_device_batch(batch_size: int, devices: int, num_nodes: int) -> int:
 
 
 def make_trainer(out: Path, max_iters: int, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
-                 strategy: str = "auto", precision: str = "32-true", log_every: int = 20) -> L.Trainer:
-    """An iteration-based trainer; several processes (``torchrun``) use DDP with synchronised BatchNorm."""
+                 strategy: str = "auto", precision: str = "32-true", log_every: int = 20,
+                 callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """An iteration-based trainer; several processes (``torchrun``, ``srun``) use DDP with synchronised BatchNorm.
+    Checkpoints are the ``callbacks``' (``mls.train.resume.checkpoint_callbacks``), written atomically."""
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     if devices * num_nodes > 1 and strategy == "auto":
@@ -95,8 +99,10 @@ def make_trainer(out: Path, max_iters: int, accelerator: str = "auto", devices: 
     return L.Trainer(
         max_steps=max_iters, max_epochs=-1, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
         strategy=strategy, sync_batchnorm=strategy.startswith("ddp"),
-        precision=precision, logger=CSVLogger(str(out), name="", version=""), enable_checkpointing=False,
+        precision=precision, logger=CSVLogger(str(out), name="", version=""),
         log_every_n_steps=min(log_every, max_iters), enable_model_summary=False, default_root_dir=str(out),
+        callbacks=list(callbacks), plugins=trainer_plugins(), enable_checkpointing=any(
+            isinstance(c, Checkpoint) for c in callbacks),
     )
 
 
@@ -117,16 +123,24 @@ class RunOptions:
     small_stem: bool | None = setting(None, "3x3 stem for small images; null: from the checkpoint, else false")
     workers: int | None = setting(None, "data-loading processes per GPU; null: the machine's cores, at most 4")
     accelerator: str = setting("auto", "Lightning accelerator (auto, cpu, gpu)")
-    devices: int = setting(1, "GPUs per node (use torchrun --nproc-per-node with the same number)")
+    devices: int = setting(1, "GPUs per node (use torchrun --nproc-per-node, or srun --ntasks-per-node, with the same "
+                                         "number)")
     num_nodes: int = setting(1, "machines")
     strategy: str = setting("auto", "Lightning strategy (auto: ddp on several GPUs)")
     precision: str = setting("32-true", "Lightning precision (32-true, 16-mixed, bf16-mixed)")
     out: str | None = setting(None, "folder for results.json, results.md and run logs; null: "
                                     "runs/transfer/detect-FORMAT or runs/transfer/segment-DATASET")
     seed: int = setting(0, "seed of the first run (the others: seed + 1, seed + 2, ...)")
+    save_every: int = setting(1000, "write each run's checkpoints/last.ckpt every this many iterations (and at "
+                                     "its end), to go on from with --resume auto; 0: only at the end, on a crash "
+                                     "or a signal")
+    resume: Literal["auto"] | None = setting(None, "auto: go on with the runs in OUT: a finished run's result is "
+                                                   "read back, an unfinished one goes on from its furthest "
+                                                   "checkpoint; unset: a fresh set (refused where OUT holds runs)")
 
     def __post_init__(self):
         check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only at the end), got {self.save_every}")
         check(self.devices >= 1 and self.num_nodes >= 1, "devices",
               f"and num_nodes must be at least 1, got {self.devices} and {self.num_nodes}")
 
@@ -134,9 +148,9 @@ class RunOptions:
     def loader_workers(self) -> int:
         return min(4, os.cpu_count() or 1) if self.workers is None else self.workers
 
-    def trainer(self, out: Path, max_iters: int) -> L.Trainer:
+    def trainer(self, out: Path, max_iters: int, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
         return make_trainer(out, max_iters, self.accelerator, self.devices, self.num_nodes, self.strategy,
-                            self.precision)
+                            self.precision, callbacks=callbacks)
 
 
 def with_run_options(fn: Callable) -> Callable:
