@@ -14,16 +14,19 @@ the command line.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
 from mls.eval.datasets import DATASETS, Transformed
 from mls.eval.probes import Task, classification_loss
 from mls.eval.transforms import test_transform, train_transform
+from mls.progress import progress_callbacks
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,12 @@ class FineTuner(L.LightningModule):
         return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)]
 
 
-def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true") -> tuple:
-    """Fine-tune a fresh copy of the backbone on the training split; return test logits and targets."""
+def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true",
+                   loggers: Callable[[int], list[Logger]] | None = None, progress: str = "auto") -> tuple:
+    """Fine-tune a fresh copy of the backbone on the training split; return test logits and targets.
+
+    ``loggers(seed)`` gives the run's loggers (default: none); ``progress`` how it shows (``mls.progress``).
+    """
     L.seed_everything(seed, workers=True, verbose=False)
     backbone, dim = task.backbone()
     model = FineTuner(backbone, dim, len(task.data.classes), task.data.multilabel, epochs, lr, weight_decay)
@@ -83,7 +90,10 @@ def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: 
                        shuffle=True, drop_last=len(task.data.train) > task.batch_size, num_workers=task.workers)
     test = DataLoader(Transformed(task.data.test, test_transform(task.image_size)), batch_size=task.batch_size,
                       num_workers=task.workers)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
+    shown = progress_callbacks(progress)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision,
+                        logger=loggers(seed) if loggers else False, callbacks=shown, enable_progress_bar=bool(shown),
+                        log_every_n_steps=min(50, len(train)),  # at least once an epoch
                         enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(model, train)
     logits, targets = zip(*trainer.predict(model, test))
