@@ -53,7 +53,8 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
     watch = health_watch(trainer)
     if watch is not None:
         lines.append(watch.verdict)
-    lines.append(f"logs: {', '.join(log_places(trainer.loggers))}")
+    places = log_places(trainer.loggers)
+    lines.append("logs: " + " and ".join(filter(None, [", ".join(places[:-1]), *places[-1:]])))
     evaluate = (f"mls eval knn --weights {last}" if settings.train.data is None
                 else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
     lines += ["next:",
