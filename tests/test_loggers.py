@@ -57,6 +57,19 @@ def test_a_repeated_run_logs_its_csv_in_its_own_folder_under_the_commands_name(t
     assert log_places([logger]) == [str(tmp_path / "detect-voc" / "run1" / "metrics.csv")]
 
 
+def test_a_transfer_run_logs_where_its_options_say_with_its_settings(tmp_path):
+    import yaml
+
+    from mls.transfer.training import RunOptions
+
+    run0 = tmp_path / "detect-voc" / "run0"
+    trainer = RunOptions(logger=["csv", "tensorboard"], progress="off").trainer(run0, 5, {"lr": 0.02, "steps": [3]})
+    assert log_places(trainer.loggers) == [str(run0 / "metrics.csv"), str(run0 / "tensorboard")]
+    assert trainer.progress_bar_callback is None
+    trainer.loggers[0].save()
+    assert yaml.safe_load((run0 / "hparams.yaml").read_text()) == {"lr": 0.02, "steps": [3]}
+
+
 def wandb_records(path: Path) -> list:
     """The records of an offline W&B run file: a LevelDB log (a 7-byte header, then 32 KiB blocks of chunks,
     each with a 7-byte header: CRC, length, type 1 full / 2 first / 3 middle / 4 last), each a protobuf Record."""
