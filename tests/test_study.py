@@ -357,3 +357,17 @@ def test_progress_counts_only_the_cells_left_to_pretrain(tmp_path, monkeypatch, 
     assert len(pretrained) == 5
     assert [line.split(": ")[1].split(",")[0] for line in lines] == ["run 1 of 3", "run 2 of 3", "run 3 of 3"]
     assert "min left" not in lines[0] and all("min left" in line for line in lines[1:])
+
+
+def test_progress_reaches_each_pretraining_and_leaves_the_cells_keys_as_they_were(tmp_path, monkeypatch):
+    import mls.study.runner as run
+
+    given = []
+    monkeypatch.setattr(run, "pretrain", lambda **kwargs: given.append(kwargs) or tmp_path / "last.ckpt")
+    monkeypatch.setattr(run, "score", lambda *a, **k: {"val_map": 50.0, "precision": 0.5})
+    monkeypatch.setattr(run, "_final_losses", lambda run_dir: {})
+    main(["study", "--grid", "table6", "--only=[bce]", "--seeds", "1", "--budget", "tiny", "--out", str(tmp_path),
+          "--workers", "0", "--progress", "lines"])
+    assert [kwargs["progress"] for kwargs in given] == ["lines", "lines"]
+    # where a run logs and how it shows its progress are no part of what it learns
+    assert cell_key({"logger": "wandb", "progress": "off", "project": "p", "run_name": "r"}, 0) == cell_key({}, 0)

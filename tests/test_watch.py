@@ -134,7 +134,7 @@ def test_a_run_warns_in_its_log_bar_and_summary_and_stops_when_asked(tmp_path, m
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "mls: warning at step" in logged and "negative terms push the queries harder" in logged
     assert "health: at the end, the extra loss's negative terms" in logged  # the summary
-    assert "health=extra loss dominates" in capsys.readouterr().out  # the progress bar's postfix
+    assert "health=extra loss dominates" in capsys.readouterr().out  # the progress lines (a bar on a terminal)
     caplog.clear()
     last = pretrain(out=str(tmp_path / "stop"), on_collapse="stop", **tiny)
     ckpt = torch.load(last, map_location="cpu", weights_only=False)

@@ -55,7 +55,7 @@ def check_images(folder: ImageFolderSource, workers: int) -> tuple[list[str], li
     """The folder's readable names (sorted) and, for the others, ``{"name", "reason"}``; decoded in ``workers``
     processes with a progress bar."""
     paths = [str(folder.path(i)) for i in range(len(folder))]
-    bar = dict(total=len(paths), desc="checking images", unit="img", smoothing=0.05)
+    bar = dict(total=len(paths), desc="checking images", unit="img", smoothing=0.05, disable=None)  # none in a log file
     if workers <= 1:
         reasons = list(tqdm(map(unreadable_reason, paths), **bar))
     else:

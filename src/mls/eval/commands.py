@@ -19,13 +19,14 @@ from mls.eval.datasets import load_dataset
 from mls.eval.metrics import average_precision, classification_metrics
 from mls.eval.probes import Task, knn_classify, linear_probe
 from mls.eval.results import summarise, write_report
-from mls.eval.settings import EvalRun, FinetuneProtocol, KnnProtocol, LinearProtocol
+from mls.eval.settings import EvalRun, FinetuneOutput, FinetuneProtocol, KnnProtocol, LinearProtocol
+from mls.loggers import build_loggers
 
 FEATURE_BATCH = 256  # batch of feature extraction and of the linear probe when --batch-size is not given
 SYNTHETIC_SIZE = 64  # size of the generated images when neither --image-size nor the checkpoint gives one
 
 LINEAR = CommandSettings((LinearProtocol, EvalRun))
-FINETUNE = CommandSettings((FinetuneProtocol, EvalRun))
+FINETUNE = CommandSettings((FinetuneProtocol, EvalRun, FinetuneOutput))
 KNN = CommandSettings((KnnProtocol, EvalRun))
 
 
@@ -54,13 +55,8 @@ def evaluate(name: str, protocol, settings: dict, default_batch: int, run: EvalR
     if task.data.multilabel:  # which classes a backbone serves well: the area AP of each, averaged over runs
         per_class = torch.stack([average_precision(*o) for o in outputs]).mean(0)
         result["per_class_ap"] = {c: 100 * ap for c, ap in zip(task.data.classes, per_class.tolist())}
-    print(write_report(report_folder(run, name), result))
+    print(write_report(run.folder(name), result))
     return result
-
-
-def report_folder(run: EvalRun, name: str) -> str:
-    """Where a protocol's report (and fine-tuning's runs) go: ``--out``, else runs/eval/DATASET-PROTOCOL."""
-    return run.out or f"runs/eval/{run.dataset}-{name}"
 
 
 @LINEAR.options
@@ -74,12 +70,18 @@ def linear(**options) -> dict:
 @FINETUNE.options
 def finetune(**options) -> dict:
     """Full fine-tuning of every layer with a new linear head (recipes per data set in mls.eval.finetune)."""
-    given, run = FINETUNE.settings(options)
+    given, run, output = FINETUNE.settings(options)
     recipe = finetuning.recipe_for(run.dataset, epochs=given.epochs, lr=given.lr, weight_decay=given.weight_decay)
     settings = {"epochs": recipe.epochs, "lr": recipe.lr, "weight_decay": recipe.weight_decay,
                 "precision": given.precision}
-    protocol = partial(finetuning.finetune_model, **settings, runs_in=Path(report_folder(run, "finetune")),
-                       first_seed=run.seed, save_every=given.save_every, resume=given.resume)
+
+    def loggers(folder: Path, seed: int) -> list:  # each run's logs in its folder, with the settings it ran with
+        return build_loggers(output.logger, folder, output.project, output.run_name,
+                             {**settings, **dataclasses.asdict(run), "seed": seed}, repetition=True)
+
+    protocol = partial(finetuning.finetune_model, **settings, runs_in=Path(run.folder("finetune")),
+                       first_seed=run.seed, save_every=given.save_every, resume=given.resume,
+                       loggers=loggers, progress=output.progress)
     return evaluate("finetune", protocol, settings, recipe.batch_size, run)
 
 

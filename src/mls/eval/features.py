@@ -19,7 +19,7 @@ def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 25
     backbone.eval().to(device())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     features, targets = [], []
-    for images, target in tqdm(loader, desc=desc, leave=False):
+    for images, target in tqdm(loader, desc=desc, leave=False, disable=None):
         features.append(backbone(images.to(device())).flatten(1).float().cpu())
         targets.append(target)
     return torch.cat(features), torch.cat(targets)

@@ -14,18 +14,21 @@ the command line.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
 from mls.eval.datasets import DATASETS, Transformed
 from mls.eval.probes import Task, classification_loss
 from mls.eval.transforms import test_transform, train_transform
+from mls.progress import progress_callbacks
 from mls.train.console import lightning_warnings_left_out
 from mls.train.data_order import SeededLoader
 from mls.train.resume import RunRecord, checkpoint_callbacks, run_of_set, trainer_plugins
@@ -81,12 +84,14 @@ class FineTuner(L.LightningModule):
 
 def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: float, precision: str = "32-true",
                    runs_in: Path | None = None, first_seed: int = 0, save_every: int = 1,
-                   resume: str | None = None) -> tuple:
+                   resume: str | None = None, loggers: Callable[[Path, int], list[Logger]] | None = None,
+                   progress: str = "auto") -> tuple:
     """Fine-tune a fresh copy of the backbone on the training split; return test logits and targets.
 
     With ``runs_in``, the run of ``seed`` has its folder there, ``run{seed - first_seed}``: it checkpoints every
     ``save_every`` epochs and keeps its result, and with ``resume="auto"`` a finished run is read back and an
-    unfinished one goes on from its furthest checkpoint.
+    unfinished one goes on from its furthest checkpoint. ``loggers(folder, seed)`` gives the run's loggers
+    (default: none); ``progress`` how it shows (``mls.progress``).
     """
     L.seed_everything(seed, workers=True, verbose=False)
     folder = None if runs_in is None else runs_in / f"run{seed - first_seed}"
@@ -96,9 +101,13 @@ def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: 
     callbacks = []
     if folder is not None:
         callbacks = [*checkpoint_callbacks(folder, save_every, numbered=False), RunRecord(record)]
-    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
-                        enable_model_summary=False, default_root_dir=folder,
-                        callbacks=callbacks, plugins=trainer_plugins(), enable_checkpointing=folder is not None)
+    shown = progress_callbacks(progress)
+    batches = max(1, len(task.data.train) // task.batch_size)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision,
+                        logger=loggers(folder, seed) if loggers and folder is not None else False,
+                        log_every_n_steps=min(50, batches),  # at least once an epoch
+                        enable_model_summary=False, default_root_dir=folder, callbacks=[*callbacks, *shown],
+                        enable_progress_bar=bool(shown), plugins=trainer_plugins(), enable_checkpointing=folder is not None)
     train = partial(_train, task, seed, trainer, epochs, lr, weight_decay)
     return train(None) if folder is None else run_of_set(folder, resume, record, train)
 

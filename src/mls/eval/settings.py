@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mls.eval.datasets import DATASETS
+from mls.loggers import logger_setting, normalise_logger, project_setting, run_name_setting
 from mls.method.settings import setting
+from mls.progress import Progress, check_progress, progress_setting
 
 MAX_WORKERS = 4  # data-loading processes by default: the machine's cores, at most this many
 
@@ -46,6 +48,20 @@ class FinetuneProtocol:
 
 
 @dataclass(frozen=True)
+class FinetuneOutput:
+    """Where fine-tuning logs (each run in its folder OUT/runN) and how it shows its progress."""
+
+    logger: str = logger_setting("csv")
+    project: str | None = project_setting()
+    run_name: str | None = run_name_setting()
+    progress: Progress = progress_setting()
+
+    def __post_init__(self):
+        normalise_logger(self)
+        check_progress(self.progress)
+
+
+@dataclass(frozen=True)
 class KnnProtocol:
     """Weighted k-NN on L2-normalised frozen features."""
 
@@ -73,6 +89,10 @@ class EvalRun:
     seed: int = setting(0, "seed of the first run")
     synthetic_images: int = setting(512, "number of generated training images of the synthetic task (test: half as "
                                          "many)")
+
+    def folder(self, protocol: str) -> str:
+        """Where a protocol's results (and fine-tuning's logs) go: ``out``, else runs/eval/DATASET-PROTOCOL."""
+        return self.out or f"runs/eval/{self.dataset}-{protocol}"
 
     def __post_init__(self):
         if self.dataset not in DATASETS:

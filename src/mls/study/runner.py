@@ -22,6 +22,7 @@ from mls.eval.metrics import classification_metrics
 from mls.eval.probes import Task, knn_classify, linear_probe
 from mls.files import atomic_write
 from mls.neighbor_search import dataset_bank, neighbor_precision, open_pretrained, search
+from mls.progress import Progress
 from mls.study.grids import (
     UNRECORDED_BASE,
     Budget,
@@ -39,7 +40,7 @@ from mls.train.resume import last_checkpoint
 from mls.train.settings import PRESETS
 
 # settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
-BOOKKEEPING = ("save_every", "log_every", "workers")
+BOOKKEEPING = ("save_every", "log_every", "workers", "logger", "project", "run_name", "progress")
 
 
 def cell_key(options: dict, seed: int, base: str | None = "demo") -> str:
@@ -151,6 +152,7 @@ class GridRun:
     rescore: bool
     workers: int
     base: str | None
+    progress: str = "auto"  # how each cell's pretraining shows its progress (mls.progress)
 
     def save(self) -> str:
         """Write results.json, then results.md and results.png; return the table."""
@@ -182,7 +184,7 @@ class GridRun:
         run_dir = self.root / "cells" / f"{variant}-{key[:8]}"
         # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
         checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
-                              **{"save_every": 0, **options})
+                              **{"save_every": 0, "progress": self.progress, **options})
         # stored with its preset's values written out: a later change of the preset leaves the cell's meaning
         frozen = {**PRESETS[cell_preset(options)], **options}
         self.results["cells"][key] = {"variant": variant, "seed": seed, "options": self.cells[variant],
@@ -213,7 +215,7 @@ class GridRun:
 
 def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str | None = None,
           base: SceneBase = "demo", out: str = "runs/study", only: list[str] | None = None, test: bool = False,
-          rescore: bool = False, workers: int = 2) -> dict:
+          rescore: bool = False, workers: int = 2, progress: Progress = "auto") -> dict:
     """Run a grid of pretrainings over several seeds, score each, and report mean ± std and paired differences.
 
     Args:
@@ -234,6 +236,8 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
         rescore: score finished cells again from their checkpoints (after a change to the scoring), without
             pretraining them again.
         workers: data-loading processes of the probes.
+        progress: how each pretraining shows its progress: bar, lines (a plain line every 30 s and at each
+            epoch's end, for a log file), off, or auto (bar on a terminal, else lines).
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
@@ -248,7 +252,7 @@ def study(grid: str = "table6", seeds: int = 3, budget: str = "demo", data: str 
     settings = {variant: cell_options({**plan.pretrain, "data": data, **options}, scene)
                 for variant, options in cells.items()}
     index = {variant: {seed: cell_key(settings[variant], seed, scene) for seed in range(seeds)} for variant in cells}
-    grid_run = GridRun(root, results, plan, cells, settings, index, test, rescore, workers, scene)
+    grid_run = GridRun(root, results, plan, cells, settings, index, test, rescore, workers, scene, progress)
     grid_run.run(seeds)
     table = grid_run.save()  # also when nothing ran: results.json then names this call's grid and command
     print(table)

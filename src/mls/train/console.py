@@ -1,4 +1,4 @@
-"""What a run shows while it trains: the progress bar (with the health watch's word), and Lightning's
+"""What a run shows while it trains: the progress bar or lines (with the health watch's word), and Lightning's
 adverts and warnings that do not apply to these runs left out."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from mls.progress import ProgressLines, progress_callbacks
 from mls.train.watch import HealthWatch
 
 # Lightning warnings that do not apply to these runs: `mls.train.resume` picks the checkpoint (with
@@ -66,14 +67,31 @@ def health_watch(trainer: L.Trainer) -> HealthWatch | None:
     return next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, HealthWatch)), None)
 
 
+def _with_health(metrics: dict, trainer: L.Trainer) -> dict:
+    """Progress metrics without ``v_num``, the logger's version folder, which says nothing about training, and
+    with what ``HealthWatch`` reports (``health=...``) once it has reported something."""
+    metrics.pop("v_num", None)
+    watch = health_watch(trainer)
+    if watch is not None and watch.status is not None:
+        metrics["health"] = watch.status
+    return metrics
+
+
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without ``v_num``, the logger's version folder, which says nothing about
-    training, and with what ``HealthWatch`` reports (``health=...``) once it has reported something."""
+    """Lightning's progress bar with the health watch's word (``_with_health``)."""
 
     def get_metrics(self, trainer, pl_module):
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        watch = health_watch(trainer)
-        if watch is not None and watch.status is not None:
-            metrics["health"] = watch.status
-        return metrics
+        return _with_health(super().get_metrics(trainer, pl_module), trainer)
+
+
+class HealthProgressLines(ProgressLines):
+    """Progress lines (``mls.progress``) with the health watch's word (``_with_health``)."""
+
+    def get_metrics(self, trainer, pl_module):
+        return _with_health(super().get_metrics(trainer, pl_module), trainer)
+
+
+def pretrain_progress(choice: str, refresh_rate: int) -> list[L.Callback]:
+    """A pretraining run's progress callback as ``--progress`` chooses (``mls.progress``), with the health watch's
+    word; the bar refreshed every ``refresh_rate`` steps."""
+    return progress_callbacks(choice, bar=lambda: ProgressBar(refresh_rate=refresh_rate), lines=HealthProgressLines)

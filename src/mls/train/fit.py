@@ -17,12 +17,12 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from mls.files import ensure_writable_folder
-from mls.train.console import ProgressBar, lightning_warnings_left_out, quiet_lightning_tips
+from mls.loggers import build_loggers, require_logger_packages
+from mls.train.console import lightning_warnings_left_out, pretrain_progress, quiet_lightning_tips
 from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
 from mls.train.pretrain_options import PretrainOptions
@@ -73,7 +73,9 @@ def build_data(settings: PretrainSettings) -> PretrainData:
 
 def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
     """Lightning's trainer: DDP without buffer broadcasting on several devices, atomic checkpoints (under SLURM
-    without Lightning's own requeue: ``trainer_plugins``), logs."""
+    without Lightning's own requeue: ``trainer_plugins``), logs (the module's hyperparameters, the run's settings,
+    logged by Lightning), progress as ``train.progress`` chooses."""
+    progress = pretrain_progress(train.progress, refresh_rate=max(1, train.log_every // 2))
     multi = train.devices not in (1, "1") or train.num_nodes > 1 or train.strategy == "ddp"
     strategy = DDPStrategy(broadcast_buffers=False) if multi and train.strategy in ("auto", "ddp") else train.strategy
     return L.Trainer(
@@ -88,11 +90,10 @@ def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
         use_distributed_sampler=False,
         log_every_n_steps=train.log_every,
         plugins=trainer_plugins(),
-        callbacks=[*checkpoint_callbacks(out, train.save_every),
-                   ProgressBar(refresh_rate=max(1, train.log_every // 2)),
-                   HealthWatch(train.on_collapse)],
+        callbacks=[*checkpoint_callbacks(out, train.save_every), *progress, HealthWatch(train.on_collapse)],
+        enable_progress_bar=bool(progress),
         # CSV: one version_N folder per (resumed) run, since Lightning's CSV writer starts its file anew
-        logger=[TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv")],
+        logger=build_loggers(train.logger, out, train.project, train.run_name),
         enable_model_summary=False,
         benchmark=torch.cuda.is_available(),
         default_root_dir=out,
@@ -123,7 +124,8 @@ def pretrain(out: str | None = None, resume: str | None = None,
     Each option's help gives the paper's default and, where they differ, the recommended and demo values.
 
     Args:
-        out: output folder: checkpoints/, tensorboard/ and csv/ logs (default: runs/demo, or runs/pretrain with --data).
+        out: output folder: checkpoints/ and the logs, tensorboard/ and csv/ by default (default: runs/demo, or
+            runs/pretrain with --data).
         resume: checkpoint to resume from, or "auto": the one in OUT that got furthest (a fresh run into an OUT
             holding checkpoints is refused).
         preset: where unset options come from: auto (demo without --data, else recommended), demo, recommended
@@ -133,6 +135,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
             with each preset's value); left out or None: the preset's value. An unknown name is a ValueError.
     """
     settings = PretrainSettings.resolve(options, preset)
+    require_logger_packages(settings.train.logger)
     quiet_lightning_tips()
     out_dir = Path(out or ("runs/demo" if settings.preset == "demo" else "runs/pretrain"))
     L.seed_everything(settings.train.seed, workers=True, verbose=False)

@@ -97,4 +97,8 @@ class PretrainOptions(TypedDict, total=False):
     max_failed_share: float | None
     on_collapse: Literal["warn", "stop"] | None
     log_every: int | None
+    logger: str | list[str] | None
+    project: str | None
+    run_name: str | None
+    progress: Literal["auto", "bar", "lines", "off"] | None
     seed: int | None

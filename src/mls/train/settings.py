@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mls.data.augment import ViewConfig
+from mls.loggers import logger_setting, normalise_logger, project_setting, run_name_setting
 from mls.method.extra_losses import EXTRA_LOSSES
 from mls.method.settings import MLSConfig, check, check_probability, from_dict, setting
+from mls.progress import Progress, check_progress, progress_setting
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class TrainConfig:
                 "harder than InfoNCE; docs/study/watch): warn (in the log, the progress bar and the summary) "
                 "or stop the run")
     log_every: int = setting(10, "log every this many steps")
+    logger: str = logger_setting("csv,tensorboard")
+    project: str | None = project_setting()
+    run_name: str | None = run_name_setting()
+    progress: Progress = progress_setting()
     seed: int = setting(0, "seed of weights, data order and augmentation")
 
     def __post_init__(self):
@@ -71,6 +77,8 @@ class TrainConfig:
         check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only last.ckpt), got {self.save_every}")
         check_probability("max_failed_share", self.max_failed_share)
         check(self.on_collapse in ("warn", "stop"), "on_collapse", f"must be warn or stop, got {self.on_collapse!r}")
+        normalise_logger(self)
+        check_progress(self.progress)
         check(self.augment_on in ("auto", "cpu", "device"), "augment_on",
               f"must be auto, cpu or device, got {self.augment_on!r}")
         if self.compile is not None:

@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from mls.loggers import log_places
 from mls.method.extra_losses import EXTRA_LOSSES
 from mls.train.console import health_watch
 from mls.train.run_record import CONFIG
@@ -36,10 +37,10 @@ def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
 def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path,
                 exported: Path | None = None) -> str:
     """What a finished run ends with: where it stopped, its last epoch's loss terms and pseudo-label
-    precision, where the files are (``exported``: the backbone for other tools), and the commands that look
-    at the result or repeat the run."""
-    csv_dir = next(logger.log_dir for logger in trainer.loggers if isinstance(logger, CSVLogger))
-    epoch, means = last_epoch_means(Path(csv_dir) / "metrics.csv")
+    precision (from the CSV logs, when the run writes them), where the files are (``exported``: the backbone for
+    other tools), and the commands that look at the result or repeat the run."""
+    csv_dir = next((logger.log_dir for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
+    epoch, means = last_epoch_means(Path(csv_dir) / "metrics.csv") if csv_dir else (None, {})
     lines = [f"done: {trainer.global_step} steps, {trainer.current_epoch} epochs; checkpoint {last}"]
     if means.get("loss") is not None:
         terms = f"loss {means['loss']:.3f} (InfoNCE {means.get('loss_infonce', float('nan')):.3f}"
@@ -54,7 +55,8 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
     watch = health_watch(trainer)
     if watch is not None:
         lines.append(watch.verdict)
-    lines.append(f"logs: {csv_dir}/metrics.csv and {out / 'tensorboard'}")
+    places = log_places(trainer.loggers)
+    lines.append("logs: " + " and ".join(filter(None, [", ".join(places[:-1]), *places[-1:]])))
     lines.append(f"settings: {out / CONFIG} (mls pretrain --config {out / CONFIG} --out OTHER runs the same again)")
     if exported is not None:
         lines.append(f"backbone: {exported} (safetensors, named as torchvision and timm name it; mls export for "
@@ -63,7 +65,9 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
                 else f"mls eval linear --weights {last} --dataset voc07 --data VOC2007_ROOT")
     lines += ["next:",
               f"  mls visualize neighbors --checkpoint {last} --out neighbors.png",
-              f"  {evaluate}",
-              f"  mls plot {out} --out curves.png",
-              f"  tensorboard --logdir {out / 'tensorboard'}"]
+              f"  {evaluate}"]
+    if csv_dir:
+        lines.append(f"  mls plot {out} --out curves.png")
+    lines += [f"  tensorboard --logdir {Path(logger.log_dir)}" for logger in trainer.loggers
+              if isinstance(logger, TensorBoardLogger)]
     return "\n".join(lines)

@@ -96,6 +96,7 @@ class FineTuning:
     test_set: Dataset
     test_batch: int
     collate_fn: Callable | None = None
+    settings: dict = dataclasses.field(default_factory=dict)  # the run's settings as resolved, for its loggers
 
     def __call__(self, run_dir: Path, seed: int, record: dict) -> dict | None:
         """Train on the training split (with ``--resume auto``, from where the run stopped, or not at all if it
@@ -103,7 +104,7 @@ class FineTuning:
         which its checkpoints keep and a resumed run must match."""
         callbacks = [*checkpoint_callbacks(run_dir, self.run.save_every, per="step", numbered=False),
                      SeededSteps(seed), RunRecord(record)]
-        trainer = self.run.trainer(run_dir, self.max_iters, callbacks)
+        trainer = self.run.trainer(run_dir, self.max_iters, callbacks, {**self.settings, **dataclasses.asdict(self.run)})
         return run_of_set(run_dir, self.run.resume, record, partial(self._train, trainer, seed), trainer.is_global_zero)
 
     def _train(self, trainer: L.Trainer, seed: int, ckpt_path: str | None) -> dict | None:
@@ -148,12 +149,12 @@ def _detection(data: str | None, format: str, run: RunOptions, model: DetectionM
     sgd = dict(lr=protocol.lr, lr_factor=schedule, weight_decay=protocol.weight_decay, norm_weight_decay=0.0)
     score = partial(evaluate_detection, coco_gt=splits.test, category_ids=categories, test_size=protocol.image_size,
                     masks=splits.has_masks)
+    settings = {**dataclasses.asdict(protocol), **dataclasses.asdict(model)}
     fine_tune = FineTuning(run, info, build, detection_losses, sgd, protocol.max_iters, train_set, per_device, score,
-                           test_set, per_device, collate_lists)
+                           test_set, per_device, collate_lists, settings=settings)
     name = ("mask" if splits.has_masks else "faster") + f"_rcnn_{info['arch']}_{model.head}"
     return fine_tune, {"dataset": {"coco": "coco", "voc": "voc07"}[format], "protocol": name, "weights": run.weights,
-                       "arch": info["arch"], "small_stem": info["small_stem"],
-                       "settings": {**dataclasses.asdict(protocol), **dataclasses.asdict(model)}}
+                       "arch": info["arch"], "small_stem": info["small_stem"], "settings": settings}
 
 
 def _segmentation(data: str | None, dataset: str, run: RunOptions, model: SegmentationModel,
@@ -172,12 +173,12 @@ def _segmentation(data: str | None, dataset: str, run: RunOptions, model: Segmen
     sgd = dict(lr=protocol.lr, lr_factor=schedule, weight_decay=protocol.weight_decay)
     score = partial(evaluate_segmentation, num_classes=num_classes, scale=protocol.scale, mode=protocol.inference,
                     crop=protocol.crop_size, stride=protocol.stride)
+    settings = {**dataclasses.asdict(protocol), **dataclasses.asdict(model)}
     fine_tune = FineTuning(run, info, build, segmentation_losses, sgd, protocol.max_iters, train_set, per_device,
-                           score, SegmentationPairs(test_base, num_classes, None, lut), 1)
+                           score, SegmentationPairs(test_base, num_classes, None, lut), 1, settings=settings)
     name = f"{model.head}_{info['arch']}" + ("_d8" if info["arch"] in DILATABLE else "")
     return fine_tune, {"dataset": dataset, "protocol": name, "weights": run.weights, "arch": info["arch"],
-                       "small_stem": info["small_stem"], "num_classes": num_classes,
-                       "settings": {**dataclasses.asdict(protocol), **dataclasses.asdict(model)}}
+                       "small_stem": info["small_stem"], "num_classes": num_classes, "settings": settings}
 
 
 @DETECT_OPTIONS.options

@@ -131,7 +131,7 @@ def predict_coco(detector: nn.Module, loader: DataLoader, category_ids: Sequence
     """COCO result dicts of every test image: ``"bbox"`` boxes and, for Mask R-CNN, ``"segm"`` RLE masks."""
     detector.to(device).eval()
     results: dict[str, list[dict]] = {"bbox": [], "segm": []}
-    for images, targets in tqdm(loader, desc="detect", leave=False):
+    for images, targets in tqdm(loader, desc="detect", leave=False, disable=None):
         outputs = detector([image.to(device) for image in images])
         for target, out in zip(targets, outputs):
             out = {k: v.cpu() for k, v in out.items()}

@@ -142,7 +142,7 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
     """mIoU, mAcc and aAcc (percentages) over the test set, from one confusion matrix (ignore label excluded)."""
     model.to(device).eval()
     confmat = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_PIXEL).to(device)
-    for images, labels in tqdm(loader, desc="segment", leave=False):
+    for images, labels in tqdm(loader, desc="segment", leave=False, disable=None):
         logits = predict_logits(model, images.to(device), num_classes, scale, mode, crop, stride)
         confmat.update(logits.argmax(1), labels.to(device))
     return segmentation_scores(confmat.compute().cpu())

@@ -12,11 +12,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from mls.command_options import flat_options, split_options
+from mls.loggers import build_loggers, logger_setting, normalise_logger, project_setting, run_name_setting
 from mls.method.settings import check, field_doc, setting
+from mls.progress import Progress, check_progress, progress_callbacks, progress_setting
 from mls.train.resume import trainer_plugins
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
@@ -89,20 +91,23 @@ def per_device_batch(batch_size: int, devices: int, num_nodes: int) -> int:
 
 def make_trainer(out: Path, max_iters: int, accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
                  strategy: str = "auto", precision: str = "32-true", log_every: int = 20,
-                 callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+                 callbacks: Sequence[L.Callback] = (), loggers: list[Logger] | None = None,
+                 progress: str = "auto") -> L.Trainer:
     """An iteration-based trainer; several processes (``torchrun``, ``srun``) use DDP with synchronised BatchNorm.
-    Checkpoints are the ``callbacks``' (``mls.train.resume.checkpoint_callbacks``), written atomically."""
+    Checkpoints are the ``callbacks``' (``mls.train.resume.checkpoint_callbacks``), written atomically. It logs to
+    ``loggers`` (default: OUT/metrics.csv) and shows progress as ``progress`` chooses (``mls.progress``)."""
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     if devices * num_nodes > 1 and strategy == "auto":
         strategy = "ddp"
+    shown = progress_callbacks(progress)
     return L.Trainer(
         max_steps=max_iters, max_epochs=-1, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
         strategy=strategy, sync_batchnorm=strategy.startswith("ddp"),
-        precision=precision, logger=CSVLogger(str(out), name="", version=""),
+        precision=precision, logger=build_loggers("csv", out, repetition=True) if loggers is None else loggers,
         log_every_n_steps=min(log_every, max_iters), enable_model_summary=False, default_root_dir=str(out),
-        callbacks=list(callbacks), plugins=trainer_plugins(), enable_checkpointing=any(
-            isinstance(c, Checkpoint) for c in callbacks),
+        callbacks=[*callbacks, *shown], enable_progress_bar=bool(shown), plugins=trainer_plugins(),
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
     )
 
 
@@ -137,8 +142,14 @@ class RunOptions:
     resume: Literal["auto"] | None = setting(None, "auto: go on with the runs in OUT: a finished run's result is "
                                                    "read back, an unfinished one goes on from its furthest "
                                                    "checkpoint; unset: a fresh set (refused where OUT holds runs)")
+    logger: str = logger_setting("csv")
+    project: str | None = project_setting()
+    run_name: str | None = run_name_setting()
+    progress: Progress = progress_setting()
 
     def __post_init__(self):
+        normalise_logger(self)
+        check_progress(self.progress)
         check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only at the end), got {self.save_every}")
         check(self.devices >= 1 and self.num_nodes >= 1, "devices",
@@ -148,9 +159,13 @@ class RunOptions:
     def loader_workers(self) -> int:
         return min(4, os.cpu_count() or 1) if self.workers is None else self.workers
 
-    def trainer(self, out: Path, max_iters: int, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    def trainer(self, out: Path, max_iters: int, callbacks: Sequence[L.Callback] = (),
+                settings: dict | None = None) -> L.Trainer:
+        """The trainer of one run in folder ``out`` (run0, run1, ...) with ``callbacks``, its loggers recording
+        ``settings`` (the run's, resolved)."""
+        loggers = build_loggers(self.logger, out, self.project, self.run_name, settings, repetition=True)
         return make_trainer(out, max_iters, self.accelerator, self.devices, self.num_nodes, self.strategy,
-                            self.precision, callbacks=callbacks)
+                            self.precision, callbacks=callbacks, loggers=loggers, progress=self.progress)
 
 
 def with_run_options(fn: Callable) -> Callable:
