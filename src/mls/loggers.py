@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from mls.method.settings import check, setting
+from mls.progress import Progress, check_progress, progress_setting
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 # the loggers that need a package of their own: its module, which is also the name of mls-ssl's extra
@@ -52,6 +54,21 @@ def normalise_logger(settings: Any) -> None:
     """In a settings dataclass's ``__post_init__``: its ``logger`` checked and written as ``"csv,wandb"``, whether
     it was given as a text or a list (a plain text is what checkpoints and hparams.yaml store)."""
     object.__setattr__(settings, "logger", ",".join(logger_names(settings.logger)))
+
+
+@dataclass(frozen=True)
+class RunLogging:
+    """Where a fine-tuning or transfer run logs (each repetition in its folder OUT/runN) and how it shows its
+    progress (``mls.progress``)."""
+
+    logger: str = logger_setting("csv")
+    project: str | None = project_setting()
+    run_name: str | None = run_name_setting()
+    progress: Progress = progress_setting()
+
+    def __post_init__(self):
+        normalise_logger(self)
+        check_progress(self.progress)
 
 
 def require_logger_packages(names: str | Sequence[str]) -> None:

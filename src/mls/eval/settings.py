@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mls.eval.datasets import DATASETS
-from mls.loggers import logger_setting, normalise_logger, project_setting, run_name_setting
+from mls.loggers import RunLogging
 from mls.method.settings import setting
-from mls.progress import Progress, check_progress, progress_setting
 
 MAX_WORKERS = 4  # data-loading processes by default: the machine's cores, at most this many
 
@@ -48,17 +47,8 @@ class FinetuneProtocol:
 
 
 @dataclass(frozen=True)
-class FinetuneOutput:
+class FinetuneOutput(RunLogging):
     """Where fine-tuning logs (each run in its folder OUT/runN) and how it shows its progress."""
-
-    logger: str = logger_setting("csv")
-    project: str | None = project_setting()
-    run_name: str | None = run_name_setting()
-    progress: Progress = progress_setting()
-
-    def __post_init__(self):
-        normalise_logger(self)
-        check_progress(self.progress)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from mls.command_options import flat_options, split_options
-from mls.loggers import build_loggers, logger_setting, normalise_logger, project_setting, run_name_setting
+from mls.loggers import RunLogging, build_loggers
 from mls.method.settings import check, field_doc, setting
-from mls.progress import Progress, check_progress, progress_callbacks, progress_setting
+from mls.progress import progress_callbacks
 from mls.train.resume import trainer_plugins
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
@@ -119,8 +119,9 @@ def check_positive(**values: float) -> None:
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """What every transfer command takes besides its protocol: the weights, the hardware, the output, the seed."""
+class RunOptions(RunLogging):
+    """What every transfer command takes besides its protocol: the weights, the hardware, the output, the seed, and
+    (``RunLogging``) where it logs."""
 
     weights: str = setting("random", "pretraining checkpoint (.ckpt), exported torchvision backbone (.pth/.pt), "
                                      'or "random"')
@@ -142,14 +143,9 @@ class RunOptions:
     resume: Literal["auto"] | None = setting(None, "auto: go on with the runs in OUT: a finished run's result is "
                                                    "read back, an unfinished one goes on from its furthest "
                                                    "checkpoint; unset: a fresh set (refused where OUT holds runs)")
-    logger: str = logger_setting("csv")
-    project: str | None = project_setting()
-    run_name: str | None = run_name_setting()
-    progress: Progress = progress_setting()
 
     def __post_init__(self):
-        normalise_logger(self)
-        check_progress(self.progress)
+        super().__post_init__()
         check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only at the end), got {self.save_every}")
         check(self.devices >= 1 and self.num_nodes >= 1, "devices",
