@@ -26,6 +26,7 @@ from mls.eval.transforms import test_transform as center_crop
 from mls.viz.neighbors import Layout
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+README = SRC.parent / "README.md"
 FAST = dict(weights="random", arch="resnet18", small_stem=True, image_size=16, batch_size=4, chunk_size=6, workers=0)
 
 
@@ -128,11 +129,11 @@ def test_a_killed_run_resumed_gives_the_bytes_of_an_uninterrupted_one(tmp_path):
     assert whole.wait(timeout=900) == 0, whole.stdout.read()
     killed = run_embed(folder, tmp_path / "resumed")
     chunks, deadline = tmp_path / "resumed" / "chunks", time.time() + 600
-    while len(list(chunks.glob("*.safetensors"))) < 3 and killed.poll() is None and time.time() < deadline:
+    while len(list(chunks.glob("[0-9]*.safetensors"))) < 3 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    done_before = len(list(chunks.glob("*.safetensors")))
+    done_before = len(list(chunks.glob("[0-9]*.safetensors")))  # whole chunks, not the temporary file of the next
     assert 3 <= done_before < 11 and not (tmp_path / "resumed" / "paths.csv").exists()
     resumed = run_embed(folder, tmp_path / "resumed")
     printed = resumed.communicate(timeout=900)[0]
@@ -144,20 +145,22 @@ def test_a_killed_run_resumed_gives_the_bytes_of_an_uninterrupted_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_readme_commands_on_a_synth_folder(tmp_path, capsys):
+def test_the_readme_commands_on_a_synth_folder(tmp_path, capsys, monkeypatch):
     """README, "Using the features": mls synth, mls embed, mls search --all and --query, as written there."""
-    tiny_checkpoint(tmp_path / "last.ckpt", data={"image_size": 32})
-    os.chdir(tmp_path)
-    main(["synth", "scenes", "--format", "folder", "--num-images", "24", "--image-size", "64"])
-    main(["embed", "--weights", "last.ckpt", "--data", "scenes", "--out", "scenes-embed"])
-    main(["search", "--embeddings", "scenes-embed", "--all", "true", "--k", "5", "--out", "similar"])
-    main(["search", "--embeddings", "scenes-embed", "--all", "true", "--min-cosine", "0.95", "--out", "duplicates"])
-    main(["search", "--embeddings", "scenes-embed", "--query", "scenes/000000000001.png", "--out", "query"])
+    commands = [line.split("#")[0].split()[1:] for line in README.read_text().split("## Using the features")[1].split("```")[1]
+                .splitlines() if line.startswith("mls ")]
+    assert [c[0] for c in commands] == ["synth", "embed", "search", "search"]
+    commands[0][commands[0].index("1000")] = "24"  # fewer scenes, and a tiny network for the demo's backbone
+    Path(tmp_path / "runs/demo/checkpoints").mkdir(parents=True)
+    tiny_checkpoint(tmp_path / "runs/demo/checkpoints/last.ckpt", data={"image_size": 32})
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        main(command)
     printed = capsys.readouterr().out
     assert "24 of 24 images embedded" in printed
-    table = Path("similar/neighbors.csv").read_text().splitlines()
+    table = Path("runs/scenes-similar/neighbors.csv").read_text().splitlines()
     assert table[0] == "query,rank,neighbor,cosine" and len(table) == 1 + 24 * 5
-    first = Path("query/neighbors.csv").read_text().splitlines()[1].split(",")
+    first = Path("runs/scenes-query/neighbors.csv").read_text().splitlines()[1].split(",")
     assert first[:3] == ["scenes/000000000001.png", "1", "000000000001.png"] and float(first[3]) > 0.9999
-    assert Image.open("similar/neighbors.png").size == Layout().size(8, 6)  # 8 rows: a query and 5 neighbours
-    assert Image.open("query/neighbors.png").size == Layout().size(1, 6)
+    assert Image.open("runs/scenes-similar/neighbors.png").size == Layout().size(8, 6)  # 8 rows: a query, 5 neighbours
+    assert Image.open("runs/scenes-query/neighbors.png").size == Layout().size(1, 6)

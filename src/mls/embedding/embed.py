@@ -112,5 +112,5 @@ def report(out: Path, file_format: str, count: int, skipped: list, num_images: i
         shown = "; ".join(f"{name} ({reason})" for name, reason in skipped[:5])
         print(f"skipped {len(skipped)} unreadable: {shown}{' ...' if len(skipped) > 5 else ''} "
               f"(all in {out / store.SKIPPED})")
-    print(f"next: mls search --embeddings {out} --all --out {out / 'search'}")
+    print(f"next: mls search --embeddings {out} --all true --out {out / 'search'}")
     return {"embedded": count, "skipped": skipped, "file": str(target), "images_per_s": rate}
