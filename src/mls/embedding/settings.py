@@ -74,7 +74,8 @@ class SearchSettings:
     k: int = setting(5, "neighbours per query")
     min_cosine: float | None = setting(None, "keep only neighbours at least this close (e.g. 0.95 for duplicates)")
     engine: Literal["auto", "torch", "faiss"] = setting(
-        "auto", "exact search in torch by chunks, or FAISS's exact inner-product index; auto: FAISS when installed")
+        "auto", "exact search in torch by blocks, or FAISS's exact inner-product index (mls-ssl[faiss]); auto: "
+                "torch, the faster of the two at every size measured (docs/benchmarks.md)")
     out: str = setting("runs/search", "output folder: neighbors.csv and neighbors.png")
     sheet_rows: int = setting(8, "queries drawn in neighbors.png (with --all: those with the closest neighbour)")
     tile: int = setting(128, "side in pixels of each image of neighbors.png")
