@@ -22,6 +22,7 @@ def _commands() -> dict:
     from mls.checkpoints.export import export
     from mls.data.sharding import shard
     from mls.data.synthetic import synth
+    from mls.embedding.commands import embed, search_images
     from mls.eval.commands import finetune, knn, linear
     from mls.study import study
     from mls.train.commands import pretrain_command
@@ -40,6 +41,8 @@ def _commands() -> dict:
         "visualize": {"neighbors": neighbors, "scores": scores},
         "plot": plot,
         "study": study,
+        "embed": embed,
+        "search": search_images,
     }
 
 

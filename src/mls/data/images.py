@@ -189,6 +189,10 @@ class ImageFolderSource:
         """``image_set_fingerprint`` of the files: a shard set made from this folder has the same."""
         return image_set_fingerprint(self.files)
 
+    def names(self) -> list[str]:
+        """The images' paths relative to the folder, with ``/``, in data-set order."""
+        return list(self.files)
+
     def path(self, i: int) -> Path:
         """The file of image ``i``."""
         return self.root / self.files[i]

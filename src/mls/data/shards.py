@@ -115,9 +115,13 @@ class ShardSource:
         if annotations is not None:
             self._label_by_name(annotations)
 
+    def names(self) -> list[str]:
+        """The images' relative names (those of the folder they were sharded from), in index order."""
+        return _fetch(self.location, NAMES, self.cache_dir).read_text().splitlines()
+
     def _label_by_name(self, annotations: str) -> None:
         """Labels from a COCO annotation file, matched to the shards' images by relative name."""
-        names = _fetch(self.location, NAMES, self.cache_dir).read_text().splitlines()
+        names = self.names()
         files, labels, self.classes = read_coco_labels(annotations)
         by_name = dict(zip(files, labels))
         absent = [name for name in names if name not in by_name]

@@ -50,34 +50,50 @@ def box_pixels(box, origin: tuple[int, int], size: tuple[int, int]) -> tuple[int
 
 
 def draw_tile(canvas: Image.Image, image: Image.Image, box, color, origin: tuple[int, int], layout: Layout) -> None:
-    """Paste ``image`` fitted (aspect kept, centred) into a square tile and outline ``box`` on it."""
+    """Paste ``image`` fitted (aspect kept, centred) into a square tile and outline ``box`` on it (none: no outline)."""
     scale = layout.tile / max(image.size)
     w, h = max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))
     x, y = origin[0] + (layout.tile - w) // 2, origin[1] + (layout.tile - h) // 2
     canvas.paste(Image.new("RGB", (layout.tile, layout.tile), LETTERBOX), origin)
     canvas.paste(image.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), (x, y))
-    ImageDraw.Draw(canvas).rectangle(box_pixels(box, (x, y), (w, h)), outline=color, width=layout.line)
+    if box is not None:
+        ImageDraw.Draw(canvas).rectangle(box_pixels(box, (x, y), (w, h)), outline=color, width=layout.line)
+
+
+@dataclass
+class Tile:
+    """One panel of a neighbour figure: an image, the crop outlined on it (``None``: none), a caption under it,
+    and whether it shares a class with its row's query (a green or purple frame; ``None``: no frame)."""
+
+    image: Image.Image
+    caption: str
+    box: tuple[float, float, float, float] | None = None
+    color: tuple[int, int, int] = YELLOW
+    match: bool | None = None
+
+
+def render_rows(rows: list[list[Tile]], layout: Layout = Layout()) -> Image.Image:
+    """The tiles, one row of the figure per list: a query then its neighbours (``mls search`` draws these too)."""
+    canvas = Image.new("RGB", layout.size(len(rows), max(len(row) for row in rows)), BACKGROUND)
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            x, y = layout.origin(r, c)
+            draw_tile(canvas, tile.image, tile.box, tile.color, (x, y), layout)
+            draw.text((x, y + layout.tile + layout.frame + 1), tile.caption, fill=(0, 0, 0), font=font)
+            if tile.match is not None:
+                f = layout.frame
+                draw.rectangle((x - f, y - f, x + layout.tile - 1 + f, y + layout.tile - 1 + f),
+                               outline=MATCH if tile.match else MISS, width=f)
+    return canvas
 
 
 def render(queries: list[Query], source, layout: Layout = Layout()) -> Image.Image:
     """One row per query: the query with its crop (red), then its neighbours with theirs (yellow)."""
-    cols = 1 + max(len(q.neighbors) for q in queries)
-    canvas = Image.new("RGB", layout.size(len(queries), cols), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    for r, q in enumerate(queries):
-        x, y = layout.origin(r, 0)
-        draw_tile(canvas, source.image(q.index), q.box, RED, (x, y), layout)
-        draw.text((x, y + layout.tile + layout.frame + 1), f"query #{q.index}", fill=(0, 0, 0), font=font)
-        for c, n in enumerate(q.neighbors, start=1):
-            x, y = layout.origin(r, c)
-            draw_tile(canvas, source.image(n.index), n.box, YELLOW, (x, y), layout)
-            caption = f"#{n.index}  s={n.similarity:.2f}"
-            draw.text((x, y + layout.tile + layout.frame + 1), caption, fill=(0, 0, 0), font=font)
-            if n.match is not None:
-                f = layout.frame
-                draw.rectangle((x - f, y - f, x + layout.tile - 1 + f, y + layout.tile - 1 + f),
-                               outline=MATCH if n.match else MISS, width=f)
-    return canvas
+    rows = [[Tile(source.image(q.index), f"query #{q.index}", q.box, RED)]
+            + [Tile(source.image(n.index), f"#{n.index}  s={n.similarity:.2f}", n.box, YELLOW, n.match)
+               for n in q.neighbors] for q in queries]
+    return render_rows(rows, layout)
 
 
 def neighbors(checkpoint: str | None = None, out: str = "neighbors.png", data: str | None = None,
