@@ -36,6 +36,11 @@ class Found:
     cosines: list[float]
 
 
+def _queries(n: int) -> str:
+    """``1 query``, ``2,000 queries``."""
+    return f"{n:,} {'query' if n == 1 else 'queries'}"
+
+
 def recorded_settings(record: dict) -> EmbedSettings:
     """The settings an ``mls embed`` output was made with; weights changed since then are refused."""
     settings = EmbedSettings(**{f.name: record[f.name] for f in dataclasses.fields(EmbedSettings)})
@@ -117,12 +122,12 @@ def search_embeddings(options: SearchSettings) -> dict:
     rows = [(f.name, rank, stored.paths[r], f"{c:.6f}") for f in found
             for rank, (r, c) in enumerate(zip(f.rows, f.cosines), start=1)]
     write_table(out / TABLE, ("query", "rank", "neighbor", "cosine"), rows)
-    print(f"mls search: {len(found):,} queries, {len(rows):,} neighbours among {len(stored.vectors):,} embeddings "
+    print(f"mls search: {_queries(len(found))}, {len(rows):,} neighbours among {len(stored.vectors):,} embeddings "
           f"({engine}, {seconds:.2f} s) in {out / TABLE}")
     drawn = [f for f in found if f.rows][:options.sheet_rows] if options.all else found[:options.sheet_rows]
     if options.sheet_rows and drawn:
         figure = contact_sheet(drawn if not options.all else [f for f in found if f.rows], stored,
                                options.sheet_rows, options.tile, options.all)
         atomic_write(out / SHEET, lambda tmp: figure.save(tmp, format="PNG"))
-        print(f"contact sheet of {min(len(drawn), options.sheet_rows)} queries: {out / SHEET}")
+        print(f"contact sheet of {_queries(min(len(drawn), options.sheet_rows))}: {out / SHEET}")
     return {"queries": len(found), "neighbors": len(rows), "engine": engine, "table": str(out / TABLE)}
