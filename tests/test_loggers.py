@@ -174,28 +174,52 @@ def test_a_run_without_csv_logs_ends_with_its_summary(tmp_path, caplog):
     assert "done: 2 steps" in summary and f"logs: {tmp_path / 'run' / 'tensorboard'}" in summary
 
 
-@pytest.mark.slow
-def test_fine_tuning_logs_each_seed_with_its_settings_to_wandb_and_mlflow(tmp_path, offline_trackers, monkeypatch):
-    tracking = (tmp_path / "store").as_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+def assert_trackers_hold(tmp_path, wandb_dir: Path, run_folder: Path, metric: str, expected: dict) -> None:
+    """The one MLflow run (store tmp_path/store, experiment "probe") and the one offline W&B run are named after the
+    run's folder, hold ``expected`` among their settings, and logged ``metric`` as the run's CSV file did."""
+    losses = csv_series(run_folder / "metrics.csv", metric)
+    assert losses
+    name = f"{run_folder.parent.name}-{run_folder.name}"
+    client, run = mlflow_run((tmp_path / "store").as_uri(), "probe")
+    assert run.info.run_name == name
+    assert {key: run.data.params[key] for key in expected} == {key: str(value) for key, value in expected.items()}
+    history = client.get_metric_history(run.info.run_id, metric)
+    assert_same_series(sorted((m.step, m.value) for m in history), losses)
+
+    wandb = wandb_run(wandb_dir)
+    assert (wandb["project"], wandb["name"]) == ("probe", name)
+    assert {key: wandb["config"][key] for key in expected} == expected
+    logged = [(row["trainer/global_step"], row[metric]) for row in wandb["history"] if metric in row]
+    assert_same_series(logged, losses)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+@pytest.mark.slow
+def test_fine_tuning_logs_each_run_with_its_settings_to_wandb_and_mlflow(tmp_path, offline_trackers, mlflow_store):
     out = tmp_path / "ft"
     main(["eval", "finetune", "--weights", "random", "--arch", "resnet18", "--dataset", "synthetic",
           "--synthetic-images", "16", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--runs", "1",
           "--seed", "3", "--workers", "0", "--logger", "csv,wandb,mlflow", "--project", "probe", "--progress", "off",
           "--out", str(out)])
-    losses = csv_series(out / "seed3" / "metrics.csv", "train_loss")
-    assert [step for step, _ in losses] == [1, 3]  # 2 batches an epoch, logged once an epoch
+    assert [step for step, _ in csv_series(out / "run0" / "metrics.csv", "train_loss")] == [1, 3]  # once an epoch
+    assert_trackers_hold(tmp_path, offline_trackers, out / "run0", "train_loss",
+                         {"epochs": 2, "lr": 0.05, "dataset": "synthetic", "seed": 3, "weights": "random"})
 
-    client, run = mlflow_run(tracking, "probe")
-    assert run.info.run_name == "ft-seed3"
-    params = run.data.params
-    assert (params["epochs"], params["lr"], params["dataset"], params["seed"]) == ("2", "0.05", "synthetic", "3")
-    history = client.get_metric_history(run.info.run_id, "train_loss")
-    assert_same_series(sorted((m.step, m.value) for m in history), losses)
 
-    wandb = wandb_run(offline_trackers)
-    assert (wandb["project"], wandb["name"]) == ("probe", "ft-seed3")
-    assert (wandb["config"]["epochs"], wandb["config"]["seed"], wandb["config"]["weights"]) == (2, 3, "random")
-    logged = [(row["trainer/global_step"], row["train_loss"]) for row in wandb["history"] if "train_loss" in row]
-    assert_same_series(logged, losses)
+@pytest.mark.slow
+def test_a_transfer_run_logs_its_settings_and_losses_to_wandb_and_mlflow(tmp_path, offline_trackers, mlflow_store):
+    from mls.data.synthetic import write_voc
+    from mls.transfer.commands import segment
+
+    write_voc(tmp_path / "voc", num_images=8, image_size=32, seed=0)
+    out = tmp_path / "seg"
+    segment(weights="random", data=str(tmp_path / "voc"), dataset="voc-seg", runs=1, max_iters=4, batch_size=2,
+            scale=[32, 32], crop_size=32, inference="whole", arch="resnet18", small_stem=True, workers=0,
+            accelerator="cpu", out=str(out), logger="csv,wandb,mlflow", project="probe", progress="off")
+    assert_trackers_hold(tmp_path, offline_trackers, out / "run0", "train/loss",
+                         {"max_iters": 4, "crop_size": 32, "weights": "random", "seed": 0})
