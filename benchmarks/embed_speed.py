@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,17 +24,12 @@ from mls.data.images import ImageFolderSource
 from mls.embedding.commands import embed
 from mls.embedding.encoder import CenterCrops
 from mls.eval.transforms import test_transform
-from shard_loading import loader_images_per_second, write_scenes
+from shard_loading import images_per_second, loader_images_per_second, write_scenes
 
 
 def embed_loader_images_per_second(folder: Path, size: int, workers: int, batch_size: int) -> float:
     dataset = CenterCrops(ImageFolderSource(folder), test_transform(size), size)
-    batches = iter(DataLoader(dataset, batch_size=batch_size, num_workers=workers))
-    next(batches)  # the workers have started, as in the pretraining loader's measure
-    start, seen = time.perf_counter(), 0
-    for batch in batches:
-        seen += len(batch["index"])
-    return seen / (time.perf_counter() - start)
+    return images_per_second(DataLoader(dataset, batch_size=batch_size, num_workers=workers))
 
 
 def main() -> None:

@@ -92,3 +92,15 @@ def voc_xml(objects, size: tuple[int, int] = (12, 12)) -> str:
     width, height = size
     return (f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
             f"{''.join(rows)}</annotation>")
+
+
+def assert_resumed_like_straight(straight: str | Path, resumed: str | Path, steps: int) -> None:
+    """A resumed pretraining's checkpoint equals the one of a run that never stopped: its step, every weight and
+    buffer (to 1e-6), and which image each key of the queue came from, exactly."""
+    from mls.checkpoints.pretrained import read_checkpoint
+
+    a, b = read_checkpoint(straight), read_checkpoint(resumed)
+    assert a["global_step"] == b["global_step"] == steps
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    assert torch.equal(a["state_dict"]["model.queue.field_index"], b["state_dict"]["model.queue.field_index"])

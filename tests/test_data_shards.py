@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from litdata import StreamingDataset
 from PIL import Image
 
+from conftest import assert_resumed_like_straight
 from mls.checkpoints.pretrained import read_checkpoint
 from mls.cli import main
 from mls.data.images import load_pixels
@@ -208,11 +209,7 @@ def test_a_run_on_shards_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path
         pretrain(out=str(tmp_path / "split"), **common)
     monkeypatch.undo()
     resumed = pretrain(out=str(tmp_path / "split"), resume="auto", **common)
-    a, b = read_checkpoint(straight), read_checkpoint(resumed)
-    assert a["global_step"] == b["global_step"] == 8
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
-    assert torch.equal(a["state_dict"]["model.queue.field_index"], b["state_dict"]["model.queue.field_index"])
+    assert_resumed_like_straight(straight, resumed, 8)
 
 
 @pytest.mark.slow
@@ -255,9 +252,15 @@ def test_two_ranks_on_shards_see_each_image_once_in_the_global_batches_of_one_ra
     write_folder(folder, 35)  # 35 = 4 global batches of 8 + 3 dropped
     shards = str(tmp_path / "shards")
     shard(str(folder), out=shards, workers=1)
-    mp.spawn(rank_worker, args=(str(tmp_path / "init"), shards, str(tmp_path)), nprocs=2, join=True)
+    assert_two_ranks_split_one_rank_s_batches(tmp_path, shards, shards)
+
+
+def assert_two_ranks_split_one_rank_s_batches(tmp_path: Path, data: str, local: str) -> None:
+    """2 gloo processes reading ``data`` (35 images) split what one process reads from the same set at ``local``
+    with the global batch: every global batch holds the same images with the same views, each image once an epoch."""
+    mp.spawn(rank_worker, args=(str(tmp_path / "init"), data, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    one = list(epoch_loader(shards, 8, world=1, rank=0, workers=0))
+    one = list(epoch_loader(local, 8, world=1, rank=0, workers=0))
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
     seen = []
     for k, whole in enumerate(one):

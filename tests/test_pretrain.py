@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mls.train.commands
-from conftest import TINY
+from conftest import TINY, assert_resumed_like_straight
 from mls import __version__
 from mls.checkpoints.pretrained import load_pretrained, read_checkpoint
 from mls.cli import main
@@ -95,11 +95,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch, stop, how
         monkeypatch.undo()
         assert read_checkpoint(tmp_path / "split" / "checkpoints" / "interrupted.ckpt")["global_step"] == stop
     resumed = pretrain(out=str(tmp_path / "split"), resume="auto", **common)
-    a, b = read_checkpoint(straight), read_checkpoint(resumed)
-    assert a["global_step"] == b["global_step"] == 2 * steps_per_epoch
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
-    assert torch.equal(a["state_dict"]["model.queue.field_index"], b["state_dict"]["model.queue.field_index"])
+    assert_resumed_like_straight(straight, resumed, 2 * steps_per_epoch)
 
 
 @pytest.mark.distributed

@@ -12,7 +12,6 @@ import boto3
 import moto.settings
 import pytest
 import torch
-import torch.multiprocessing as mp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,12 +19,13 @@ from cryptography.x509.oid import NameOID
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 
+from conftest import assert_resumed_like_straight
 from mls.checkpoints.pretrained import read_checkpoint
 from mls.cli import console, main
 from mls.data.sharding import shard
 from mls.train import pretrain
 from mls.train.module import PretrainModule
-from test_data_shards import RUN, Crash, epoch_loader, loss_rows, rank_worker, write_folder
+from test_data_shards import RUN, Crash, assert_two_ranks_split_one_rank_s_batches, loss_rows, write_folder
 
 pytestmark = pytest.mark.slow
 
@@ -136,11 +136,7 @@ def test_a_run_from_a_bucket_resumed_mid_epoch_equals_the_uninterrupted_run(s3, 
         patch.setattr(PretrainModule, "on_train_batch_end", crash, raising=False)
         pretrain(data=url, out=str(tmp_path / "split"), **common)
     resumed = pretrain(data=url, out=str(tmp_path / "split"), resume="auto", **common)
-    a, b = read_checkpoint(straight), read_checkpoint(resumed)
-    assert a["global_step"] == b["global_step"] == 8
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
-    assert torch.equal(a["state_dict"]["model.queue.field_index"], b["state_dict"]["model.queue.field_index"])
+    assert_resumed_like_straight(straight, resumed, 8)
 
 
 @pytest.mark.distributed
@@ -148,20 +144,7 @@ def test_two_ranks_read_disjoint_halves_of_a_bucket(s3, tmp_path):
     """2 gloo processes, each with 2 loader workers, reading the bucket: the global batches of one process
     reading the local shards, each image once."""
     shards, url = upload_shards(s3, tmp_path, "ranks", 35)  # 4 global batches of 8 + 3 dropped
-    mp.spawn(rank_worker, args=(str(tmp_path / "init"), url, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    one = list(epoch_loader(shards, 8, world=1, rank=0, workers=0))
-    assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
-    seen = []
-    for k, whole in enumerate(one):
-        parts = [ranks[r][k] for r in range(2)]
-        assert not set(parts[0]["index"].tolist()) & set(parts[1]["index"].tolist())
-        by_index = {i: (v1, v2) for i, v1, v2 in zip(whole["index"].tolist(), whole["view1"], whole["view2"])}
-        for part in parts:
-            for i, v1, v2 in zip(part["index"].tolist(), part["view1"], part["view2"]):
-                assert torch.equal(v1, by_index[i][0]) and torch.equal(v2, by_index[i][1]), (k, i)
-        seen += torch.cat([p["index"] for p in parts]).tolist()
-    assert sorted(seen) == sorted(torch.cat([b["index"] for b in one]).tolist()) and len(set(seen)) == 32
+    assert_two_ranks_split_one_rank_s_batches(tmp_path, url, shards)
 
 
 def pretrain_error(monkeypatch, data: str, out: Path) -> str:
