@@ -38,8 +38,9 @@ from mls.train import pretrain
 from mls.train.resume import last_checkpoint
 from mls.train.settings import PRESETS
 
-# settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
-BOOKKEEPING = ("save_every", "log_every", "workers")
+# settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers;
+# the --monitor pass leaves the training as it was)
+BOOKKEEPING = ("save_every", "log_every", "workers", "monitor", "monitor_every", "monitor_images", "monitor_split")
 
 
 def cell_key(options: dict, seed: int, base: str | None = "demo") -> str:

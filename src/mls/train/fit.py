@@ -11,11 +11,13 @@ only defines things.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -24,6 +26,7 @@ from mls.files import ensure_writable_folder
 from mls.train.console import ProgressBar, lightning_warnings_left_out, quiet_lightning_tips
 from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
+from mls.train.monitor import monitor_callbacks, open_monitor
 from mls.train.pretrain_options import PretrainOptions
 from mls.train.resume import AtomicCheckpointIO, checkpoint_callbacks, last_checkpoint, start_point
 from mls.train.settings import PRESET_HELP, PretrainSettings, TrainConfig
@@ -69,8 +72,19 @@ def build_data(settings: PretrainSettings) -> PretrainData:
                         t.loader_workers, t.seed, settings.view.transform(), augment_on=t.views_on)
 
 
-def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
-    """Lightning's trainer: DDP without buffer broadcasting on several devices, atomic checkpoints, logs."""
+def build_monitor(settings: PretrainSettings, out: Path) -> list[Callback]:
+    """The ``--monitor`` score and the checkpoint of its best (none without ``monitor`` or with ``monitor_every``
+    0); its data is read and checked here, before the run starts."""
+    t = settings.train
+    if t.monitor is None or t.monitor_every == 0:
+        return []
+    labelled = open_monitor(t.monitor, settings.view.image_size, t.monitor_images, t.monitor_split)
+    return monitor_callbacks(labelled, t.monitor_every, settings.view.image_size, t.batch_size, t.loader_workers, out)
+
+
+def build_trainer(train: TrainConfig, out: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    """Lightning's trainer: DDP without buffer broadcasting on several devices, atomic checkpoints, logs;
+    ``callbacks`` besides (``build_monitor``'s)."""
     multi = train.devices not in (1, "1") or train.num_nodes > 1 or train.strategy == "ddp"
     strategy = DDPStrategy(broadcast_buffers=False) if multi and train.strategy in ("auto", "ddp") else train.strategy
     return L.Trainer(
@@ -87,7 +101,7 @@ def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
         plugins=[AtomicCheckpointIO()],
         callbacks=[*checkpoint_callbacks(out, train.save_every),
                    ProgressBar(refresh_rate=max(1, train.log_every // 2)),
-                   HealthWatch(train.on_collapse)],
+                   HealthWatch(train.on_collapse), *callbacks],
         # CSV: one version_N folder per (resumed) run, since Lightning's CSV writer starts its file anew
         logger=[TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv")],
         enable_model_summary=False,
@@ -139,10 +153,11 @@ def pretrain(out: str | None = None, resume: str | None = None,
     # before Lightning prints anything, for every rank the run will have
     world_size = planned_world_size(settings.train)
     check_settings(len(data.source), settings.train.batch_size, world_size, settings.model.queue_size)
+    monitor = build_monitor(settings, out_dir)
     ensure_writable_folder(out_dir)  # the last check before the run's first line: a refused run leaves no folder
     rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}); "
                    f"{settings.summary()}; writing to {out_dir}")
-    trainer = build_trainer(settings.train, out_dir)
+    trainer = build_trainer(settings.train, out_dir, monitor)
     if trainer.world_size != world_size:  # devices named in a way planned_world_size does not read
         check_settings(len(data.source), settings.train.batch_size, trainer.world_size, settings.model.queue_size)
     module = build_module(settings, data, trainer.world_size, described)
