@@ -181,9 +181,10 @@ class GridRun:
         """Pretrain one cell (going on from its checkpoint if interrupted), score it and save the results."""
         options, key = self.settings[variant], self.index[variant][seed]
         run_dir = self.root / "cells" / f"{variant}-{key[:8]}"
-        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
+        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk), and no
+        # --monitor pass or best.ckpt (the study's own probes score it)
         checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
-                              **{"save_every": 0, **options})
+                              **{"save_every": 0, "monitor_every": 0, **options})
         # stored with its preset's values written out: a later change of the preset leaves the cell's meaning
         frozen = {**PRESETS[cell_preset(options)], **options}
         self.results["cells"][key] = {"variant": variant, "seed": seed, "options": self.cells[variant],

@@ -46,7 +46,7 @@ def monitor_scores(csv_root: Path, metric: str) -> dict[int, float]:
 
 def monitor_line(trainer: L.Trainer, csv_root: Path, out: Path) -> str | None:
     """"monitor: k-NN mAP on ...: 71.3 at epoch 7 (the last), best 72.0 at epoch 5 (best.ckpt); its cost"."""
-    monitor = next((c for c in trainer.callbacks if isinstance(c, LabelMonitor)), None)
+    monitor = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, LabelMonitor)), None)
     scores = monitor_scores(csv_root, monitor.labelled.metric) if monitor is not None else {}
     if not scores:
         return None
