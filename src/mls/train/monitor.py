@@ -160,6 +160,8 @@ class LabelMonitor(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.perf_counter()
+        if trainer.is_global_zero:  # now: an unreadable image stops the run before it trains, not an epoch later
+            self.images(pl_module.device)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.run_seconds = time.perf_counter() - self._started
@@ -175,13 +177,20 @@ class LabelMonitor(Callback):
         self.seconds += time.perf_counter() - start
         self.passes += 1
 
-    def score(self, backbone: nn.Module, device: torch.device) -> float:
-        """The score of ``backbone`` now; the random state (which a data loader draws from) is restored after."""
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if self._images is None:
+    def images(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample's images and targets, decoded at the first call; the random state (which a data loader
+        draws from) is restored after."""
+        if self._images is None:
+            start = time.perf_counter()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self._images = self.labelled.decode(self.image_size, self.batch_size, self.workers)
-            images, targets = self._images
-            features = backbone_features(backbone, images, device, self.batch_size)
+            self.seconds += time.perf_counter() - start
+        return self._images
+
+    def score(self, backbone: nn.Module, device: torch.device) -> float:
+        """The score of ``backbone`` now."""
+        images, targets = self.images(device)
+        features = backbone_features(backbone, images, device, self.batch_size)
         return knn_score(features, targets, self.labelled.queries, len(self.labelled.classes),
                          self.labelled.multilabel)
 

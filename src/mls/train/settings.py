@@ -62,9 +62,9 @@ class TrainConfig:
         None, "labelled images to score the backbone on while it trains, by weighted k-NN as `mls eval knn` (cosine, "
               "k 20): scenes (built-in scenes held out from training), a folder of class folders (DIR/<class>/"
               "<image>), a folder holding VOCdevkit/VOC2007 (its trainval images) or a COCO instances_NAME.json "
-              "(images in ../NAME/). A fixed sample of monitor_images of them, split into queries and the bank "
-              "that classifies them; logs monitor/knn_top1 (class folders) or monitor/knn_map (multi-label) and "
-              "keeps checkpoints/best.ckpt by it; null: none")
+              "(images in ../NAME/). A fixed sample of --monitor-images of them, split by --monitor-split into "
+              "queries and the bank that classifies them; logs monitor/knn_top1 (class folders) or monitor/knn_map "
+              "(multi-label), scored on rank zero, and keeps checkpoints/best.ckpt by it; null: none")
     monitor_every: int = setting(1, "score with --monitor every this many epochs; 0: never")
     monitor_images: int = setting(1000, "labelled images --monitor scores on: a fixed sample, the same for every "
                                         "run (the number of built-in scenes with scenes)")
