@@ -144,7 +144,7 @@ def plot_curves(metrics: str | Path, out: str | Path, columns: int = PANEL_COLUM
 
 
 def plot(metrics: str, out: str = "curves.png") -> None:
-    """Plot training curves (losses, lr, throughput, pseudo-label precision, representation health) from a CSV log.
+    """Plot training curves (losses, lr, throughput, pseudo-label precision, --monitor score, health) from a CSV log.
 
     Args:
         metrics: A Lightning ``metrics.csv``, or a log folder: all its metrics.csv files, joined in time order.
