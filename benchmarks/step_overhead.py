@@ -1,5 +1,6 @@
-"""Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch; and the cost
-of the health measures (``mls.method.health``), which a run computes every ``--log-every`` steps.
+"""Cost of MLS over MoCo-v2: time and peak memory of one training step, same model and batch; the cost
+of the health measures (``mls.method.health``), which a run computes every ``--log-every`` steps; and the
+cost of a ``--monitor`` pass (``mls.train.monitor``) against an epoch of MLS steps.
 
 The steps (forward, backward, SGD update) are timed in one process, alternating, and the
 ratio of medians is printed, so that machine noise hits all alike. Memory is the CUDA
@@ -19,6 +20,7 @@ import time
 import torch
 
 from mls import MLS
+from mls.train.monitor import backbone_features, knn_score
 
 METHODS = {"mocov2": dict(method="mocov2"), "mls": dict(method="mls")}
 
@@ -109,6 +111,32 @@ def time_health(args, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def time_monitor(args, repeats: int = 3) -> float:
+    """Median seconds of one ``--monitor`` pass as a run makes it at an epoch's end (``mls.train.monitor``): the
+    pooled features of ``--monitor-images`` images (random uint8, decoded once as the run keeps them) by the query
+    backbone in eval mode, then the weighted k-NN score of half of them against the other half."""
+    model, _ = build(args, "mls")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.monitor_images, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                           generator=generator)
+    targets = torch.randint(0, 8, (args.monitor_images,), generator=generator)
+    device = torch.device(args.device)
+
+    def measure() -> float:
+        features = backbone_features(model.backbone_q, images, device, args.batch_size)
+        return knn_score(features, targets, args.monitor_images // 2, 8, multilabel=False)
+
+    measure()
+    times = []
+    for _ in range(repeats):
+        sync(args.device)
+        start = time.perf_counter()
+        measure()
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def peak_memory(args, method: str) -> float:
     """Peak memory of one step, in MiB: the CUDA allocator's peak on a GPU; on a CPU, where torch
     keeps no peak, the memory held between steps (weights, gradients, optimiser state, queues)."""
@@ -141,6 +169,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--log-every", type=int, default=10, help="steps between health measurements (a run's --log-every)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--monitor-images", type=int, default=256, help="images of a --monitor pass (the demo's)")
+    parser.add_argument("--epoch-images", type=int, default=2000, help="images of an epoch (the demo's)")
     args = parser.parse_args()
     times = time_both(args)
     med = {m: statistics.median(t) for m, t in times.items()}
@@ -157,9 +187,13 @@ def main() -> None:
     share = health_s / (args.log_every * med["mls"])
     print(f"health measures: {1000 * health_s:.1f} ms per log step, {share:.2%} of an average MLS step at "
           f"--log-every {args.log_every} ({health_s / med['mls']:.1%} of the step they are measured in)")
+    monitor_s = time_monitor(args)
+    epoch_s = args.epoch_images // args.batch_size * med["mls"]
+    print(f"--monitor: {monitor_s:.2f} s per pass of {args.monitor_images} images, {monitor_s / epoch_s:.2%} of an "
+          f"epoch of {args.epoch_images} images ({args.epoch_images // args.batch_size} MLS steps)")
     print(json.dumps({"setting": setting, "time_ratio": med["mls"] / med["mocov2"],
                       "memory_ratio": mem["mls"] / mem["mocov2"], "health_s": health_s, "health_share": share,
-                      "median_s": med, "peak_mib": mem}))
+                      "monitor_s": monitor_s, "monitor_share": monitor_s / epoch_s, "median_s": med, "peak_mib": mem}))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint
     out, small = tmp_path / "run", {**TINY, "num_images": 16, "queue_size": 12}  # 2 steps an epoch
     pretrain(out=str(out), epochs=3, max_steps=2, **small)  # epoch000.ckpt and last.ckpt at step 2
     before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
-    assert set(before) == {"epoch000.ckpt", "last.ckpt"}
+    assert set(before) == {"epoch000.ckpt", "last.ckpt", "best.ckpt"}  # best: the demo's --monitor
     # torch.save writes part of the file, then the disk is full
     script = f"""
 import errno, sys, torch
@@ -126,10 +126,11 @@ def test_a_failed_atomic_write_leaves_the_previous_file_byte_identical(tmp_path,
 
 @pytest.mark.slow
 def test_save_every_zero_keeps_last_checkpoint_only_and_a_negative_value_is_refused(tmp_path):
-    """save_every 0 (what a study's cells use) writes last.ckpt at each epoch's end and no epochNNN.ckpt."""
+    """save_every 0 (what a study's cells use) writes last.ckpt at each epoch's end and no epochNNN.ckpt (best.ckpt
+    is the demo's --monitor's)."""
     out, small = tmp_path / "run", {**TINY, "num_images": 16, "queue_size": 12}  # 2 steps an epoch
     pretrain(out=str(out), epochs=2, save_every=0, **small)
-    assert [p.name for p in finished_checkpoints(out)] == ["last.ckpt"]
+    assert sorted(p.name for p in finished_checkpoints(out)) == ["best.ckpt", "last.ckpt"]
     assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
     with pytest.raises(ValueError, match="save_every"):
         pretrain(out=str(tmp_path / "other"), save_every=-1, **small)

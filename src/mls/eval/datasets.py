@@ -236,21 +236,25 @@ def _imagefolder(root: Path) -> EvalData:
     return EvalData("imagefolder", train, test, train.classes, False)
 
 
-def _coco(root: Path) -> EvalData:
-    def split(name: str) -> tuple[ImageList, list[str]]:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading times
-            coco = COCO(str(root / f"annotations/instances_{name}.json"))
-        cat_ids = sorted(coco.getCatIds())
-        index = {cat: i for i, cat in enumerate(cat_ids)}
-        paths, targets = [], []
-        for image_id in sorted(coco.getImgIds()):
-            cats = {ann["category_id"] for ann in coco.imgToAnns[image_id]}
-            if cats:
-                paths.append(root / name / coco.imgs[image_id]["file_name"])
-                targets.append(torch.zeros(len(cat_ids)).index_fill_(0, torch.tensor([index[c] for c in cats]), 1))
-        return ImageList(paths, targets), [cat["name"] for cat in coco.loadCats(cat_ids)]
+def coco_labels(annotations: Path, images: Path) -> tuple[ImageList, list[str]]:
+    """The images of a COCO instances json (those with at least one annotation, crowd included), under
+    ``images``, each with its multi-hot target, and the category names in category-id order."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading times
+        coco = COCO(str(annotations))
+    cat_ids = sorted(coco.getCatIds())
+    index = {cat: i for i, cat in enumerate(cat_ids)}
+    paths, targets = [], []
+    for image_id in sorted(coco.getImgIds()):
+        cats = {ann["category_id"] for ann in coco.imgToAnns[image_id]}
+        if cats:
+            paths.append(images / coco.imgs[image_id]["file_name"])
+            targets.append(torch.zeros(len(cat_ids)).index_fill_(0, torch.tensor([index[c] for c in cats]), 1))
+    return ImageList(paths, targets), [cat["name"] for cat in coco.loadCats(cat_ids)]
 
-    (train, classes), (test, test_classes) = split("train2017"), split("val2017")
+
+def _coco(root: Path) -> EvalData:
+    (train, classes), (test, test_classes) = (coco_labels(root / f"annotations/instances_{name}.json", root / name)
+                                              for name in ("train2017", "val2017"))
     if classes != test_classes:
         raise ValueError("coco: the categories of instances_train2017.json and instances_val2017.json differ")
     return EvalData("coco", train, test, classes, True)

@@ -12,7 +12,11 @@ def train_transform(size: int) -> T.Compose:
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def test_transform(size: int) -> T.Compose:
+def centre_crop(size: int) -> T.Compose:
     """Resize the short side to size / 0.875, then take the central ``size`` x ``size`` crop (224 from 256)."""
-    return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])
+
+
+def test_transform(size: int) -> T.Compose:
+    """The centre crop of ``centre_crop``, as an ImageNet-normalised tensor."""
+    return T.Compose([centre_crop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -39,8 +39,10 @@ from mls.train import pretrain
 from mls.train.resume import last_checkpoint
 from mls.train.settings import PRESETS
 
-# settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers)
-BOOKKEEPING = ("save_every", "log_every", "workers", "logger", "project", "run_name", "progress")
+# settings that do not change what a run learns (views are drawn per seed, epoch and image, whatever the workers;
+# the --monitor pass leaves the training as it was)
+BOOKKEEPING = ("save_every", "log_every", "workers", "logger", "project", "run_name", "progress",
+               "monitor", "monitor_every", "monitor_images", "monitor_split")
 
 
 def cell_key(options: dict, seed: int, base: str | None = "demo") -> str:
@@ -182,9 +184,10 @@ class GridRun:
         """Pretrain one cell (going on from its checkpoint if interrupted), score it and save the results."""
         options, key = self.settings[variant], self.index[variant][seed]
         run_dir = self.root / "cells" / f"{variant}-{key[:8]}"
-        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk)
+        # a cell is scored from last.ckpt alone: no per-epoch checkpoints (a grid of them fills a disk), and no
+        # --monitor pass or best.ckpt (the study's own probes score it)
         checkpoint = pretrain(out=str(run_dir), resume="auto", preset=cell_preset(options), seed=seed,
-                              **{"save_every": 0, "progress": self.progress, **options})
+                              **{"save_every": 0, "monitor_every": 0, "progress": self.progress, **options})
         # stored with its preset's values written out: a later change of the preset leaves the cell's meaning
         frozen = {**PRESETS[cell_preset(options)], **options}
         self.results["cells"][key] = {"variant": variant, "seed": seed, "options": self.cells[variant],

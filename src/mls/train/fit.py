@@ -11,12 +11,14 @@ only defines things.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -25,6 +27,7 @@ from mls.loggers import build_loggers, require_logger_packages
 from mls.train.console import lightning_warnings_left_out, pretrain_progress, quiet_lightning_tips
 from mls.train.data_module import PretrainData
 from mls.train.module import PretrainModule
+from mls.train.monitor import monitor_callbacks, open_monitor
 from mls.train.pretrain_options import PretrainOptions
 from mls.train.resume import check_resumable, checkpoint_callbacks, last_checkpoint, start_point, trainer_plugins
 from mls.train.run_record import export_run_backbone, write_config
@@ -71,10 +74,20 @@ def build_data(settings: PretrainSettings) -> PretrainData:
                         t.loader_workers, t.seed, settings.view.transform(), augment_on=t.views_on)
 
 
-def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
+def build_monitor(settings: PretrainSettings, out: Path) -> list[Callback]:
+    """The ``--monitor`` score and the checkpoint of its best (none without ``monitor`` or with ``monitor_every``
+    0); its data is read and checked here, before the run starts."""
+    t = settings.train
+    if t.monitor is None or t.monitor_every == 0:
+        return []
+    labelled = open_monitor(t.monitor, settings.view.image_size, t.monitor_images, t.monitor_split)
+    return monitor_callbacks(labelled, t.monitor_every, settings.view.image_size, t.batch_size, t.loader_workers, out)
+
+
+def build_trainer(train: TrainConfig, out: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """Lightning's trainer: DDP without buffer broadcasting on several devices, atomic checkpoints (under SLURM
     without Lightning's own requeue: ``trainer_plugins``), logs (the module's hyperparameters, the run's settings,
-    logged by Lightning), progress as ``train.progress`` chooses."""
+    logged by Lightning), progress as ``train.progress`` chooses; ``callbacks`` besides (``build_monitor``'s)."""
     progress = pretrain_progress(train.progress, refresh_rate=max(1, train.log_every // 2))
     multi = train.devices not in (1, "1") or train.num_nodes > 1 or train.strategy == "ddp"
     strategy = DDPStrategy(broadcast_buffers=False) if multi and train.strategy in ("auto", "ddp") else train.strategy
@@ -90,7 +103,7 @@ def build_trainer(train: TrainConfig, out: Path) -> L.Trainer:
         use_distributed_sampler=False,
         log_every_n_steps=train.log_every,
         plugins=trainer_plugins(),
-        callbacks=[*checkpoint_callbacks(out, train.save_every), *progress, HealthWatch(train.on_collapse)],
+        callbacks=[*checkpoint_callbacks(out, train.save_every), *progress, HealthWatch(train.on_collapse), *callbacks],
         enable_progress_bar=bool(progress),
         # CSV: one version_N folder per (resumed) run, since Lightning's CSV writer starts its file anew
         logger=build_loggers(train.logger, out, train.project, train.run_name),
@@ -145,11 +158,12 @@ def pretrain(out: str | None = None, resume: str | None = None,
     # before Lightning prints anything, for every rank the run will have
     world_size = planned_world_size(settings.train)
     check_settings(len(data.source), settings.train.batch_size, world_size, settings.model.queue_size)
+    monitor = build_monitor(settings, out_dir)
     ensure_writable_folder(out_dir)  # the last check before the run's first line: a refused run leaves no folder
     rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}); "
                    f"{settings.summary()}; writing to {out_dir}")
     write_config(settings, out_dir)
-    trainer = build_trainer(settings.train, out_dir)
+    trainer = build_trainer(settings.train, out_dir, monitor)
     if trainer.world_size != world_size:  # devices named in a way planned_world_size does not read
         check_settings(len(data.source), settings.train.batch_size, trainer.world_size, settings.model.queue_size)
     module = build_module(settings, data, trainer.world_size, described)

@@ -96,6 +96,10 @@ class PretrainOptions(TypedDict, total=False):
     save_every: int | None
     max_failed_share: float | None
     on_collapse: Literal["warn", "stop"] | None
+    monitor: str | None
+    monitor_every: int | None
+    monitor_images: int | None
+    monitor_split: float | None
     log_every: int | None
     logger: str | list[str] | None
     project: str | None

@@ -60,6 +60,18 @@ class TrainConfig:
         "warn", "when the health watch reports a condition (a collapsed embedding, or an extra loss pushing "
                 "harder than InfoNCE; docs/study/watch): warn (in the log, the progress bar and the summary) "
                 "or stop the run")
+    monitor: str | None = setting(
+        None, "labelled images to score the backbone on while it trains, by weighted k-NN as `mls eval knn` (cosine, "
+              "k 20): scenes (built-in scenes held out from training), a folder of class folders (DIR/<class>/"
+              "<image>), a folder holding VOCdevkit/VOC2007 (its trainval images) or a COCO instances_NAME.json "
+              "(images in ../NAME/). A fixed sample of --monitor-images of them, split by --monitor-split into "
+              "queries and the bank that classifies them; logs monitor/knn_top1 (class folders) or monitor/knn_map "
+              "(multi-label), scored on rank zero, and keeps checkpoints/best.ckpt by it; null: none")
+    monitor_every: int = setting(1, "score with --monitor every this many epochs; 0: never")
+    monitor_images: int = setting(1000, "labelled images --monitor scores on: a fixed sample, the same for every "
+                                        "run (the number of built-in scenes with scenes)")
+    monitor_split: float = setting(0.5, "share of the --monitor images that are k-NN queries; the rest are the "
+                                        "bank they are classified by")
     log_every: int = setting(10, "log every this many steps")
     logger: str = logger_setting("csv,tensorboard")
     project: str | None = project_setting()
@@ -76,6 +88,10 @@ class TrainConfig:
         check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.save_every >= 0, "save_every", f"must be >= 0 (0: only last.ckpt), got {self.save_every}")
         check_probability("max_failed_share", self.max_failed_share)
+        check(self.monitor_every >= 0, "monitor_every", f"must be >= 0 (0: never), got {self.monitor_every}")
+        check(self.monitor_images >= 2, "monitor_images", f"must be at least 2 (a query and a bank image), got "
+                                                          f"{self.monitor_images}")
+        check(0 < self.monitor_split < 1, "monitor_split", f"must be between 0 and 1, got {self.monitor_split}")
         check(self.on_collapse in ("warn", "stop"), "on_collapse", f"must be warn or stop, got {self.on_collapse!r}")
         normalise_logger(self)
         check_progress(self.progress)
@@ -118,10 +134,12 @@ RECOMMENDED = dict(extra_weight=0.25, bce_balanced=True, extra_start_epoch=2)
 # (configs/demo_cpu.yaml holds the same values): ResNet-18 on 2,000 built-in scenes at 64 px, a few
 # minutes on 2 cores. A short run wants a faster key momentum and a queue well below the number of
 # images. The built-in classes are told apart by colour, so its views keep brightness, contrast and
-# saturation jitter but neither hue shift nor grayscale.
+# saturation jitter but neither hue shift nor grayscale. It scores itself on 256 held-out scenes each epoch
+# (--monitor: a few % of its time).
 PRESETS: dict[str, dict] = {
     "demo": dict(arch="resnet18", queue_size=1024, dim=128, momentum=0.99, **RECOMMENDED, image_size=64, hue=0.0,
-                 grayscale_p=0.0, num_images=2000, batch_size=64, epochs=8, lr=0.06, workers=2),
+                 grayscale_p=0.0, num_images=2000, batch_size=64, epochs=8, lr=0.06, workers=2, monitor="scenes",
+                 monitor_images=256),
     "recommended": RECOMMENDED,
     "paper": {},
 }

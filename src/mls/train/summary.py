@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from mls.loggers import log_places
 from mls.method.extra_losses import EXTRA_LOSSES
 from mls.train.console import health_watch
+from mls.train.monitor import BEST, LabelMonitor
+from mls.train.resume import CHECKPOINTS
 from mls.train.run_record import CONFIG
 from mls.train.settings import PretrainSettings
 
@@ -32,6 +34,29 @@ def last_epoch_means(metrics_csv: Path) -> tuple[int | None, dict[str, float]]:
                 if key.startswith("train/") and text not in ("", None) and not math.isnan(float(text)):
                     values.setdefault(key[len("train/"):], []).append(float(text))
     return int(epoch), {key: sum(v) / len(v) for key, v in values.items()}
+
+
+def monitor_scores(csv_root: Path, metric: str) -> dict[int, float]:
+    """The ``--monitor`` score of each epoch it was logged in, from every ``metrics.csv`` of a run (a resumed run
+    logs into a new version folder; a later file wins)."""
+    scores = {}
+    for path in sorted(csv_root.glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime):
+        with open(path) as f:
+            scores.update({int(row["epoch"]): float(row[metric]) for row in csv.DictReader(f) if row.get(metric)})
+    return dict(sorted(scores.items()))
+
+
+def monitor_line(trainer: L.Trainer, csv_root: Path, out: Path) -> str | None:
+    """"monitor: k-NN mAP on ...: 71.3 at epoch 7 (the last), best 72.0 at epoch 5 (best.ckpt); its cost"."""
+    monitor = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, LabelMonitor)), None)
+    scores = monitor_scores(csv_root, monitor.labelled.metric) if monitor is not None else {}
+    if not scores:
+        return None
+    last, best = max(scores), max(scores, key=scores.get)  # the first of equal scores, as ModelCheckpoint keeps
+    share = monitor.seconds / monitor.run_seconds if monitor.run_seconds else float("nan")
+    return (f"monitor: {monitor.labelled.describe()}: {scores[last]:.1f} at epoch {last} (the last), best "
+            f"{scores[best]:.1f} at epoch {best} ({out / CHECKPOINTS / BEST}.ckpt); this run's {monitor.passes} "
+            f"passes took {monitor.seconds:.1f} s, {share:.1%} of its time")
 
 
 def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path,
@@ -55,6 +80,9 @@ def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last:
     watch = health_watch(trainer)
     if watch is not None:
         lines.append(watch.verdict)
+    monitored = monitor_line(trainer, Path(csv_dir).parent, out) if csv_dir else None
+    if monitored is not None:
+        lines.append(monitored)
     places = log_places(trainer.loggers)
     lines.append("logs: " + " and ".join(filter(None, [", ".join(places[:-1]), *places[-1:]])))
     lines.append(f"settings: {out / CONFIG} (mls pretrain --config {out / CONFIG} --out OTHER runs the same again)")

@@ -19,6 +19,8 @@ KNOWN = {
     "train/lr": "learning rate",
     "train/images_per_sec": "throughput (images/s)",
     "train/skipped_images": "unreadable images skipped (per epoch)",
+    "monitor/knn_top1": "k-NN top-1 on the --monitor labels (%)",
+    "monitor/knn_map": "k-NN mAP on the --monitor labels (%)",
     "health/mean_norm": "‖mean(Q_z)‖ (1: all keys alike)",
     "health/uniformity": "uniformity of Q_z (0: collapsed)",
     "health/alignment": "alignment E‖z1 − z2‖²",
@@ -142,7 +144,7 @@ def plot_curves(metrics: str | Path, out: str | Path, columns: int = PANEL_COLUM
 
 
 def plot(metrics: str, out: str = "curves.png") -> None:
-    """Plot training curves (losses, lr, throughput, pseudo-label precision, representation health) from a CSV log.
+    """Plot training curves (losses, lr, throughput, pseudo-label precision, --monitor score, health) from a CSV log.
 
     Args:
         metrics: A Lightning ``metrics.csv``, or a log folder: all its metrics.csv files, joined in time order.
