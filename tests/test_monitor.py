@@ -162,6 +162,18 @@ def test_data_the_monitor_cannot_score_is_refused_in_one_line_before_the_run(tmp
     assert code == "mls: error: monitor_split: must be between 0 and 1, got 1.5"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_of_the_monitor_is_named_in_one_line(tmp_path, workers):
+    root = write_class_folders(tmp_path / "pets", {"cat": 3, "dog": 3})
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    labelled = open_monitor(str(root), 32, 7, 0.5)
+    with pytest.raises(ValueError) as refused:
+        labelled.decode(32, batch_size=4, workers=workers)
+    message = str(refused.value)
+    assert message.startswith(f"--monitor {labelled.name}: image ") and "cannot be read" in message
+    assert "\n" not in message
+
+
 def test_the_monitor_does_not_change_a_study_cell():
     """It changes nothing the run learns, so a stored cell is found again with the monitor on, off or elsewhere."""
     tiny = dict(TINY, epochs=1)

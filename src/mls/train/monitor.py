@@ -62,10 +62,22 @@ class MonitorSet:
     def decode(self, image_size: int, batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sample's centre crops at ``image_size`` (N x 3 x S x S uint8, as ``mls eval`` crops) and targets."""
         crop = T.Compose([centre_crop(image_size), T.PILToTensor()])
-        loader = DataLoader(Transformed(Subset(self.dataset, self.indices), crop), batch_size=batch_size,
-                            num_workers=workers)
-        images, targets = zip(*loader)
+        sample = Transformed(Subset(self.dataset, self.indices), crop)
+        try:
+            images, targets = zip(*DataLoader(sample, batch_size=batch_size, num_workers=workers))
+        except (OSError, ValueError) as error:  # from a loader process: its message is a traceback; find the image
+            raise ValueError(f"--monitor {self.name}: {self._unreadable(sample) or error}") from None
         return torch.cat(images), torch.cat(targets)
+
+    @staticmethod
+    def _unreadable(sample: Dataset) -> str | None:
+        """The first image of ``sample`` that cannot be read, said in one line (None if all can)."""
+        for i in range(len(sample)):
+            try:
+                sample[i]
+            except (OSError, ValueError) as error:
+                return f"image {i} of the sample cannot be read ({str(error).splitlines()[0]}); remove or replace it"
+        return None
 
 
 def _class_folders(path: Path) -> tuple[Dataset, list[str]]:
