@@ -57,6 +57,21 @@ def test_a_repeated_run_logs_its_csv_in_its_own_folder_under_the_commands_name(t
     assert log_places([logger]) == [str(tmp_path / "detect-voc" / "run1" / "metrics.csv")]
 
 
+def test_a_resumed_run_continues_its_csv_file_rather_than_deleting_it(tmp_path):
+    first = build_loggers("csv", tmp_path / "run0", repetition=True)[0]
+    for step in range(3):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    again = build_loggers("csv", tmp_path / "run0", repetition=True)[0]  # the resumed part, one more column
+    for step in range(3, 5):
+        again.log_metrics({"train/loss": float(step), "lr": 0.1}, step=step)
+    again.save()
+    with open(tmp_path / "run0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), float(r["train/loss"])) for r in rows] == [(s, float(s)) for s in range(5)]
+    assert [r["lr"] for r in rows] == ["", "", "", "0.1", "0.1"]
+
+
 def test_a_transfer_run_logs_where_its_options_say_with_its_settings(tmp_path):
     import yaml
 

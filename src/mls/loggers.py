@@ -6,6 +6,7 @@ hyperparameters. W&B takes its project from ``--project`` or ``WANDB_PROJECT`` a
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from mls.method.settings import check, setting
 from mls.progress import Progress, check_progress, progress_setting
@@ -69,6 +71,27 @@ class RunLogging:
     def __post_init__(self):
         normalise_logger(self)
         check_progress(self.progress)
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a metrics.csv already in its folder is continued, with its columns,
+    rather than deleted: a resumed transfer or fine-tuning run logs after the steps of its first part."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class _ContinuedCSVLogger(CSVLogger):
+    """The CSV logger of one run of a repeated command: OUT/metrics.csv, continued when the run is resumed."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def require_logger_packages(names: str | Sequence[str]) -> None:
@@ -144,7 +167,7 @@ def build_loggers(names: str | Sequence[str], out: str | Path, project: str | No
     require_logger_packages(names)
     name = run_name or (out.resolve().parent.name if repetition else out.resolve().name)
     name = f"{name}-{out.name}" if repetition else name
-    build = {"csv": lambda: CSVLogger(out, name="", version="") if repetition else CSVLogger(out, name="csv"),
+    build = {"csv": lambda: _ContinuedCSVLogger(out, name="", version="") if repetition else CSVLogger(out, name="csv"),
              "tensorboard": lambda: TensorBoardLogger(out, name="tensorboard", version=""),
              "wandb": lambda: _wandb(out, project, name),
              "mlflow": lambda: _mlflow(out, project, name)}

@@ -103,17 +103,22 @@ def finetune_model(task: Task, seed: int, epochs: int, lr: float, weight_decay: 
         callbacks = [*checkpoint_callbacks(folder, save_every, numbered=False), RunRecord(record)]
     shown = progress_callbacks(progress)
     batches = max(1, len(task.data.train) // task.batch_size)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision,
-                        logger=loggers(folder, seed) if loggers and folder is not None else False,
-                        log_every_n_steps=min(50, batches),  # at least once an epoch
-                        enable_model_summary=False, default_root_dir=folder, callbacks=[*callbacks, *shown],
-                        enable_progress_bar=bool(shown), plugins=trainer_plugins(), enable_checkpointing=folder is not None)
+
+    def trainer() -> L.Trainer:  # made when the run trains: a finished run read back leaves its files as they were
+        return L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, precision=precision,
+                         logger=loggers(folder, seed) if loggers and folder is not None else False,
+                         log_every_n_steps=min(50, batches),  # at least once an epoch
+                         enable_model_summary=False, default_root_dir=folder, callbacks=[*callbacks, *shown],
+                         enable_progress_bar=bool(shown), plugins=trainer_plugins(),
+                         enable_checkpointing=folder is not None)
+
     train = partial(_train, task, seed, trainer, epochs, lr, weight_decay)
     return train(None) if folder is None else run_of_set(folder, resume, record, train)
 
 
-def _train(task: Task, seed: int, trainer: L.Trainer, epochs: int, lr: float, weight_decay: float,
+def _train(task: Task, seed: int, make_trainer: Callable[[], L.Trainer], epochs: int, lr: float, weight_decay: float,
            ckpt_path: str | None) -> tuple:
+    trainer = make_trainer()
     backbone, dim = task.backbone()
     model = FineTuner(backbone, dim, len(task.data.classes), task.data.multilabel, epochs, lr, weight_decay)
     train = Transformed(task.data.train, train_transform(task.image_size))

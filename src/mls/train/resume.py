@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from mls.checkpoints.pretrained import UnreadableCheckpoint, atomic_save, is_pretraining_checkpoint, read_checkpoint
 from mls.files import CheckpointNotWritten
@@ -222,11 +222,13 @@ def start_point(resume: str | None, out: Path, check: Callable[[str], None]) -> 
 
 
 def run_of_set(folder: Path, resume: str | None, run: dict, train: Callable[[str | None], T | None],
-               first: bool = True) -> T | None:
+               first: bool | None = None) -> T | None:
     """One run of a set (``--runs N``; a transfer or fine-tuning run) in ``folder``: with ``--resume auto`` a
     finished run's result is read back, not run again; else ``train(checkpoint)`` trains it (from where it
     stopped: ``start_point``, checked against ``run``) and its result is written. ``first``: whether this is the
-    process that scores and reports; the others get None."""
+    process that scores and reports (default: global rank zero, as Lightning reads it from the environment); the
+    others get None."""
+    first = rank_zero_only.rank == 0 if first is None else first
     result_file = folder / RESULT
     if result_file.is_file():
         if resume is None:

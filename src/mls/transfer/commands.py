@@ -102,12 +102,14 @@ class FineTuning:
         """Train on the training split (with ``--resume auto``, from where the run stopped, or not at all if it
         finished); the first process returns the scores, every other one None. ``record``: the run's settings,
         which its checkpoints keep and a resumed run must match."""
+        return run_of_set(run_dir, self.run.resume, record, partial(self._train, run_dir, seed, record))
+
+    def _train(self, run_dir: Path, seed: int, record: dict, ckpt_path: str | None) -> dict | None:
+        """The run trained (its trainer and loggers made only now: a finished run read back leaves its files as
+        they were), scored by the first process."""
         callbacks = [*checkpoint_callbacks(run_dir, self.run.save_every, per="step", numbered=False),
                      SeededSteps(seed), RunRecord(record)]
         trainer = self.run.trainer(run_dir, self.max_iters, callbacks, {**self.settings, **dataclasses.asdict(self.run)})
-        return run_of_set(run_dir, self.run.resume, record, partial(self._train, trainer, seed), trainer.is_global_zero)
-
-    def _train(self, trainer: L.Trainer, seed: int, ckpt_path: str | None) -> dict | None:
         workers = self.run.loader_workers
         backbone = load_backbone(self.run.weights, arch=self.info["arch"], small_stem=self.info["small_stem"])[0]
         network = self.build(backbone)
