@@ -67,6 +67,7 @@ def test_an_option_given_reaches_the_settings_the_command_runs_with(name, throug
         assert protocol_run.keywords["progress"] == "off"
         (logger,) = protocol_run.keywords["loggers"](Path("o/run2"), 7)
         assert isinstance(logger, TensorBoardLogger) and logger.root_dir.startswith("o/run2")
+        logger.finalize("success")  # its writer's thread done before the test leaves tmp_path
 
 
 def test_unknown_options_are_refused_and_workers_are_read_when_a_command_runs(monkeypatch):

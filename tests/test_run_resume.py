@@ -26,6 +26,16 @@ FINETUNE = dict(arch="resnet18", small_stem=True, image_size=32, synthetic_image
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The runs made in this process use one thread, as the killed runs (ENV) do: the thread count changes the
+    last digits of a CPU run, and the tests compare scores exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cli(command: list[str], options: dict) -> list[str]:
     """``python -m mls.cli COMMAND --option value ...``."""
     args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
