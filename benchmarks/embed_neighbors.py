@@ -1,5 +1,10 @@
 """How often the top-5 neighbours found by `mls embed` + `mls search --all true` share a class with their query:
-a pretrained backbone against a random network of the same shape, on built-in scenes it was not trained on.
+pretrained backbones against random networks of the same shape, on built-in scenes they were not trained on.
+
+Two measures (docs/study/PREDICTIONS.md, entry 4): (a) the share of neighbours sharing at least one class with their
+query; (b) the class-averaged precision at 5: per class, over the queries holding it, the mean share of their
+neighbours holding it, then the mean over classes. With several --weights (one per pretraining seed), each is
+paired with a random network initialised with the same seed (--seeds), and the paired differences are reported.
 
 Writes labelled built-in scenes (`mls synth`'s COCO layout, seed 1: not the demo's training images), embeds them
 with each backbone (`mls embed`), searches every image's 5 nearest others (`mls search --all true`), and counts
@@ -8,18 +13,23 @@ and their neighbours (green frame: shares a class; purple: does not) into --figu
 
     OMP_NUM_THREADS=1 python benchmarks/embed_neighbors.py --weights runs/demo/checkpoints/last.ckpt \\
         --figure docs/img/embed_neighbors_demo.png
+    python benchmarks/embed_neighbors.py --weights runs/s0/export/backbone.safetensors runs/s1/... --seeds 0 1 2
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import tempfile
 from pathlib import Path
+
+import torch
 
 from mls.checkpoints.pretrained import backbone_info
 from mls.data.images import load_rgb, read_coco_labels
 from mls.data.synthetic import write_coco
 from mls.embedding.commands import embed, search_images
+from mls.method.backbones import build_backbone
 from mls.viz.neighbors import RED, Layout, Tile, render_rows
 
 K = 5
@@ -36,6 +46,36 @@ def neighbor_share(weights: str, arch: str, small_stem: bool, folder: Path, labe
             for r in rows]
 
 
+def class_averaged_precision(rows: list[list], labels: dict) -> float:
+    """Per class, over the queries holding it, the mean share of their neighbours holding it; the mean over classes."""
+    found: dict[str, list[str]] = {}
+    for query, neighbor, _, _ in rows:
+        found.setdefault(query, []).append(neighbor)
+    per_class: dict[int, list[float]] = {}
+    for query, neighbors in found.items():
+        for c in set(labels[query]):
+            per_class.setdefault(c, []).append(sum(c in labels[n] for n in neighbors) / len(neighbors))
+    return statistics.mean(statistics.mean(shares) for shares in per_class.values())
+
+
+def random_weights(arch: str, small_stem: bool, seed: int, path: Path) -> str:
+    """A randomly initialised backbone (``seed``), saved as torchvision weights ``mls embed`` reads."""
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(arch, small_stem)
+    torch.save({k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}, path)
+    return str(path)
+
+
+def paired(values: list[float]) -> str:
+    """mean ± std of paired differences, its standard error and the registered verdict (beyond 2 SE)."""
+    if len(values) < 2:
+        return f"{values[0]:+.3f}"
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    se = std / len(values) ** 0.5
+    verdict = "better" if mean > 2 * se else "worse" if mean < -2 * se else "level"
+    return f"{mean:+.3f} ± {std:.3f} (SE {se:.3f}): {verdict}"
+
+
 def figure(rows: list[list], folder: Path, queries: int, path: str) -> None:
     """The first ``queries`` queries and their neighbours, matches framed green, misses purple."""
     by_query: dict[str, list] = {}
@@ -49,25 +89,39 @@ def figure(rows: list[list], folder: Path, queries: int, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="the pretrained backbone (e.g. the demo's last.ckpt)")
+    parser.add_argument("--weights", nargs="+", required=True, help="pretrained backbones, one per pretraining seed")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="their seeds, for the random networks "
+                        "(default: 0, 1, ...)")
     parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--figure", default=None, help="PNG of the pretrained backbone's first queries")
+    parser.add_argument("--figure", default=None, help="PNG of the first pretrained backbone's first queries")
     parser.add_argument("--queries", type=int, default=5)
     args = parser.parse_args()
-    info = backbone_info(args.weights)
+    seeds = args.seeds or list(range(len(args.weights)))
+    info = backbone_info(args.weights[0])
+    measures: dict[str, dict[int, tuple]] = {"pretrained": {}, "random": {}}
     with tempfile.TemporaryDirectory() as tmp:
         annotations = write_coco(Path(tmp) / "scenes", args.images, 64, seed=1, splits=("val2017",))["val2017"]
         files, labels, _ = read_coco_labels(str(annotations))
         folder, labels = Path(tmp) / "scenes" / "val2017", dict(zip(files, labels))
-        shares = {}
-        for name, weights in (("pretrained", args.weights), ("random", "random")):
-            rows = neighbor_share(weights, info["arch"], info["small_stem"], folder, labels, Path(tmp) / name)
-            shares[name] = (sum(r[3] for r in rows), len(rows))
-            if name == "pretrained" and args.figure:
-                figure(rows, folder, args.queries, args.figure)
+        for seed, weights in zip(seeds, args.weights):
+            randomly = random_weights(info["arch"], info["small_stem"], seed, Path(tmp) / f"random{seed}.pth")
+            for name, source in (("pretrained", weights), ("random", randomly)):
+                rows = neighbor_share(source, info["arch"], info["small_stem"], folder, labels, Path(tmp) / f"{name}{seed}")
+                measures[name][seed] = (sum(r[3] for r in rows), len(rows), class_averaged_precision(rows, labels))
+                if name == "pretrained" and args.figure and seed == seeds[0]:
+                    figure(rows, folder, args.queries, args.figure)
     print(f"{args.images} built-in scenes (seed 1, 64 px), {info['arch']}, top-{K} neighbours of every image:")
-    for name, (shared, total) in shares.items():
-        print(f"  {name:>10}: {shared:,} of {total:,} neighbours share a class with their query ({shared / total:.3f})")
+    for seed in seeds:
+        for name in measures:
+            shared, total, precision = measures[name][seed]
+            print(f"  seed {seed} {name:>10}: (a) {shared:,} of {total:,} neighbours share a class with their query "
+                  f"({shared / total:.3f}); (b) class-averaged precision at {K} {precision:.3f}")
+    for index, label in ((0, "(a) share of neighbours with a class in common"), (2, "(b) class-averaged precision")):
+        def value(name, seed, i=index):
+            m = measures[name][seed]
+            return m[0] / m[1] if i == 0 else m[2]
+        print(f"  paired Δ (pretrained − random), {label}: "
+              + paired([value("pretrained", s) - value("random", s) for s in seeds]))
 
 
 if __name__ == "__main__":
