@@ -23,3 +23,12 @@ run spread_start --grid "$C/spread_start.yaml" --seeds 3 --budget demo --base de
 # entry 2: on the real photos' held-out part, then at 32 epochs
 run fair_pair_photos --grid "$C/fair_pair.yaml" --seeds 3 --budget "$C/fair_pair_photos.yaml" --data datasets/photos/pretrain --only '[recommended_paper_m_dz]' --out fair_pair_photos
 run fair_pair_long --grid "$C/fair_pair.yaml" --seeds 3 --budget long --base demo-0.4 --only '[recommended_paper_m_dz]' --out fair_pair_long
+# entry 4: the demo backbone's neighbours against a random network's, three pretraining seeds
+for s in 0 1 2; do
+  [ -f "demo_seeds/s$s/export/backbone.safetensors" ] && continue
+  mls pretrain --seed $s --out "demo_seeds/s$s" $([ -d "demo_seeds/s$s/checkpoints" ] && echo --resume auto) --progress lines \
+      > "logs/demo_seed$s.log" 2>&1
+done
+python "$(dirname "$0")/../../benchmarks/embed_neighbors.py" --seeds 0 1 2 \
+    --weights demo_seeds/s0/checkpoints/last.ckpt demo_seeds/s1/checkpoints/last.ckpt demo_seeds/s2/checkpoints/last.ckpt \
+    > logs/embed_neighbors.log 2>&1
