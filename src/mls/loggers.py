@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from mls.method.settings import check, setting
 from mls.progress import Progress, check_progress, progress_setting
@@ -87,6 +88,7 @@ class _ContinuedCSVLogger(CSVLogger):
     """The CSV logger of one run of a repeated command: OUT/metrics.csv, continued when the run is resumed."""
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
