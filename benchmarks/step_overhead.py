@@ -55,6 +55,20 @@ def make_step(args, model, optimizer):
     return step
 
 
+def median_seconds(measure, device: str, repeats: int, warmup: int) -> float:
+    """Median wall time of ``measure()`` over ``repeats`` calls after ``warmup`` calls, the device synchronised."""
+    for _ in range(warmup):
+        measure()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        measure()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -99,16 +113,7 @@ def time_health(args, repeats: int = 20) -> float:
     l_neg = q @ queue["z"].T
     labels = torch.zeros_like(l_neg).scatter_(1, l_neg.topk(model.config.topk, dim=1).indices, 1.0)
     measure = lambda: model.health(q, k, l_neg, labels, queue.valid, queue.valid)  # noqa: E731
-    for _ in range(3):
-        measure()
-    times = []
-    for _ in range(repeats):
-        sync(args.device)
-        start = time.perf_counter()
-        measure()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(measure, args.device, repeats, warmup=3)
 
 
 def time_monitor(args, repeats: int = 3) -> float:
@@ -126,15 +131,7 @@ def time_monitor(args, repeats: int = 3) -> float:
         features = backbone_features(model.backbone_q, images, device, args.batch_size)
         return knn_score(features, targets, args.monitor_images // 2, 8, multilabel=False)
 
-    measure()
-    times = []
-    for _ in range(repeats):
-        sync(args.device)
-        start = time.perf_counter()
-        measure()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(measure, args.device, repeats, warmup=1)
 
 
 def peak_memory(args, method: str) -> float:

@@ -14,6 +14,7 @@ from typing import Literal
 from mls.eval.datasets import DATASETS
 from mls.loggers import RunLogging
 from mls.method.settings import setting
+from mls.train.resume import resume_set_setting
 
 MAX_WORKERS = 4  # data-loading processes by default: the machine's cores, at most this many
 
@@ -37,9 +38,7 @@ class FinetuneProtocol:
     precision: str = setting("32-true", "Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed")
     save_every: int = setting(1, "write each run's checkpoints/last.ckpt every this many epochs (and at its end), "
                                  "to go on from with --resume auto; 0: only at the end, on a crash or a signal")
-    resume: Literal["auto"] | None = setting(None, "auto: go on with the runs in OUT: a finished run's result is "
-                                                   "read back, an unfinished one goes on from its furthest "
-                                                   "checkpoint; unset: a fresh set (refused where OUT holds runs)")
+    resume: Literal["auto"] | None = resume_set_setting()
 
     def __post_init__(self):
         if self.save_every < 0:

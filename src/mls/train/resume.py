@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from mls.checkpoints.pretrained import UnreadableCheckpoint, atomic_save, is_pretraining_checkpoint, read_checkpoint
 from mls.files import CheckpointNotWritten
+from mls.method.settings import setting
 
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted"
@@ -219,6 +220,12 @@ def start_point(resume: str | None, out: Path, check: Callable[[str], None]) -> 
         raise FileExistsError(f"{out} already holds the checkpoints of a run ({', '.join(written[:4])}): "
                               "pass --resume auto to continue it, or choose another --out")
     return None
+
+
+def resume_set_setting() -> Any:
+    """The ``resume`` option of a command that runs a set of runs (``--runs N``: transfer, fine-tuning)."""
+    return setting(None, "auto: go on with the runs in OUT: a finished run's result is read back, an unfinished one "
+                         "goes on from its furthest checkpoint; unset: a fresh set (refused where OUT holds runs)")
 
 
 def run_of_set(folder: Path, resume: str | None, run: dict, train: Callable[[str | None], T | None],

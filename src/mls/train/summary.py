@@ -56,7 +56,7 @@ def monitor_line(trainer: L.Trainer, csv_root: Path, out: Path) -> str | None:
     share = monitor.seconds / monitor.run_seconds if monitor.run_seconds else float("nan")
     return (f"monitor: {monitor.labelled.describe()}: {scores[last]:.1f} at epoch {last} (the last), best "
             f"{scores[best]:.1f} at epoch {best} ({out / CHECKPOINTS / BEST}.ckpt); this run's {monitor.passes} "
-            f"passes took {monitor.seconds:.1f} s, {share:.1%} of its time")
+            f"pass{'' if monitor.passes == 1 else 'es'} took {monitor.seconds:.1f} s, {share:.1%} of its time")
 
 
 def run_summary(trainer: L.Trainer, settings: PretrainSettings, out: Path, last: Path,

@@ -19,7 +19,7 @@ from mls.command_options import flat_options, split_options
 from mls.loggers import RunLogging, build_loggers
 from mls.method.settings import check, field_doc, setting
 from mls.progress import progress_callbacks
-from mls.train.resume import trainer_plugins
+from mls.train.resume import resume_set_setting, trainer_plugins
 
 LossFn = Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
 
@@ -140,9 +140,7 @@ class RunOptions(RunLogging):
     save_every: int = setting(1000, "write each run's checkpoints/last.ckpt every this many iterations (and at "
                                      "its end), to go on from with --resume auto; 0: only at the end, on a crash "
                                      "or a signal")
-    resume: Literal["auto"] | None = setting(None, "auto: go on with the runs in OUT: a finished run's result is "
-                                                   "read back, an unfinished one goes on from its furthest "
-                                                   "checkpoint; unset: a fresh set (refused where OUT holds runs)")
+    resume: Literal["auto"] | None = resume_set_setting()
 
     def __post_init__(self):
         super().__post_init__()
