@@ -35,9 +35,11 @@ from mls.viz.neighbors import RED, Layout, Tile, render_rows
 K = 5
 
 
-def neighbor_share(weights: str, arch: str, small_stem: bool, folder: Path, labels: dict, out: Path) -> list[list]:
-    """Embed ``folder`` with ``weights``, search every image's K neighbours; the table's rows with a match flag."""
-    embed(data=str(folder), out=str(out / "embed"), weights=weights, arch=arch, small_stem=small_stem, workers=0)
+def neighbor_share(weights: str, info: dict, folder: Path, labels: dict, out: Path) -> list[list]:
+    """Embed ``folder`` with ``weights`` (the network and crop size of ``info``), search every image's K
+    neighbours; the table's rows with a match flag."""
+    embed(data=str(folder), out=str(out / "embed"), weights=weights, arch=info["arch"], small_stem=info["small_stem"],
+          image_size=info["image_size"], workers=0)
     search_images(embeddings=str(out / "embed"), all=True, k=K, out=str(out / "search"), sheet_rows=0,
                   engine="torch")
     with open(out / "search" / "neighbors.csv", newline="") as f:
@@ -95,9 +97,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--figure", default=None, help="PNG of the first pretrained backbone's first queries")
     parser.add_argument("--queries", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=None, help="crop size for every network (default: the "
+                        "first weights' pretraining size)")
     args = parser.parse_args()
     seeds = args.seeds or list(range(len(args.weights)))
     info = backbone_info(args.weights[0])
+    # Both networks see the same crops: the pretraining size (a random network's weights record none, and would
+    # otherwise be embedded at mls embed's default of 224 px).
+    info["image_size"] = args.image_size or info["image_size"]
+    if not info["image_size"]:
+        parser.error(f"{args.weights[0]} records no pretraining image size: give --image-size")
     measures: dict[str, dict[int, tuple]] = {"pretrained": {}, "random": {}}
     with tempfile.TemporaryDirectory() as tmp:
         annotations = write_coco(Path(tmp) / "scenes", args.images, 64, seed=1, splits=("val2017",))["val2017"]
@@ -106,11 +115,12 @@ def main() -> None:
         for seed, weights in zip(seeds, args.weights):
             randomly = random_weights(info["arch"], info["small_stem"], seed, Path(tmp) / f"random{seed}.pth")
             for name, source in (("pretrained", weights), ("random", randomly)):
-                rows = neighbor_share(source, info["arch"], info["small_stem"], folder, labels, Path(tmp) / f"{name}{seed}")
+                rows = neighbor_share(source, info, folder, labels, Path(tmp) / f"{name}{seed}")
                 measures[name][seed] = (sum(r[3] for r in rows), len(rows), class_averaged_precision(rows, labels))
                 if name == "pretrained" and args.figure and seed == seeds[0]:
                     figure(rows, folder, args.queries, args.figure)
-    print(f"{args.images} built-in scenes (seed 1, 64 px), {info['arch']}, top-{K} neighbours of every image:")
+    print(f"{args.images} built-in scenes (seed 1, 64 px), {info['arch']} on {info['image_size']} px centre crops, "
+          f"top-{K} neighbours of every image:")
     for seed in seeds:
         for name in measures:
             shared, total, precision = measures[name][seed]

@@ -115,6 +115,26 @@ def test_projection_features_of_a_checkpoint(tmp_path):
                                    atol=1e-5, rtol=1e-4)
 
 
+def test_an_exported_backbone_embeds_at_its_pretraining_size(tmp_path, capsys):
+    """`mls export --format safetensors` records the pretraining size, so the exported backbone is embedded as its
+    checkpoint is (32 px, not the 224 px of weights that record none), with the same vectors."""
+    folder = scene_folder(tmp_path / "photos", 3, odd=False)
+    model = tiny_checkpoint(tmp_path / "run.ckpt", data={"image_size": 32})
+    main(["export", str(tmp_path / "run.ckpt"), "--format", "safetensors"])
+    main(["export", str(tmp_path / "run.ckpt"), "--format", "torchvision"])
+    capsys.readouterr()
+    embed(data=str(folder), out=str(tmp_path / "exported"), weights=str(tmp_path / "run.safetensors"), workers=0)
+    assert "32 px centre crops (the size the weights were pretrained at)" in capsys.readouterr().out
+    embed(data=str(folder), out=str(tmp_path / "pickle"), weights=str(tmp_path / "run.torchvision.pth"), workers=0)
+    assert "224 px centre crops (the default: the weights record no pretraining size" in capsys.readouterr().out
+    stored = open_embeddings(tmp_path / "exported")
+    assert stored.record["image_size"] == 32
+    with torch.no_grad():
+        x = torch.stack([center_crop(32)(load_rgb(folder / n)) for n in stored.paths])
+        expected = F.normalize(model.eval().backbone_q(x).flatten(1), dim=1)
+    torch.testing.assert_close(stored.vectors, expected, atol=1e-5, rtol=1e-4)
+
+
 def run_embed(folder: Path, out: Path) -> subprocess.Popen:
     args = ["--data", str(folder), "--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}

@@ -135,7 +135,7 @@ def test_mls_reads_its_safetensors_export_back(tmp_path):
     out = export(str(tmp_path / "s.ckpt"), format="safetensors")
     assert out == tmp_path / "s.safetensors"
     backbone, dim, info = load_backbone(str(out))
-    assert (info["arch"], info["small_stem"], dim) == ("resnet18", True, 512)
+    assert (info["arch"], info["small_stem"], dim, info["image_size"]) == ("resnet18", True, 512, 32)  # DATA's size
     torch.testing.assert_close(pooled_features(backbone, IMAGES), pooled_features(model.backbone_q, IMAGES),
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="is the checkpoint itself"):

@@ -168,7 +168,20 @@ def backbone_info(weights: str, arch: str | None = None, small_stem: bool | None
     found_arch, found_small = infer_arch(state)
     if (arch or found_arch) != found_arch:
         raise ValueError(f"{weights} holds {found_arch} weights, not {arch}")
-    return {"arch": found_arch, "small_stem": found_small if small_stem is None else small_stem, "image_size": None}
+    return {"arch": found_arch, "small_stem": found_small if small_stem is None else small_stem,
+            "image_size": _exported_image_size(weights)}
+
+
+def _exported_image_size(weights: str) -> int | None:
+    """The pretraining image size an ``mls export`` safetensors file records in its header, else None (a
+    torchvision pickle records none)."""
+    if Path(weights).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        size = (f.metadata() or {}).get("image_size", "")
+    return int(size) if size.isdigit() else None
 
 
 def _torchvision_state(ckpt, weights: str) -> dict:

@@ -76,13 +76,16 @@ def embed_collection(settings: EmbedSettings, run: EmbedRun) -> dict:
     source, names = open_images(run.data)
     out = ensure_writable_folder(run.out)
     fabric = Fabric(accelerator="auto", devices=run.devices, precision="32-true")
-    settings = resolve(settings, fabric.device.type)
+    settings, size_origin = resolve(settings, fabric.device.type)
     ranges = store.chunk_ranges(len(source), settings.chunk_size)
     complete = store.check_record(out, run_record(settings, run.data, source))  # before any process is started
     fabric.launch()
     missing = [c for c in range(len(ranges)) if not store.chunk_path(out, c).is_file()]
     start = time.perf_counter()
     if not complete and missing:
+        if fabric.is_global_zero:
+            print(f"mls embed: {settings.arch} {settings.features} features of {settings.image_size} px centre crops "
+                  f"({size_origin})")
         encoder = Encoder(settings, fabric.device)
         mine = missing[fabric.global_rank::fabric.world_size]
         dataset = CenterCrops(source, encoder.transform, settings.image_size)

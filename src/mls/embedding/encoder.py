@@ -40,15 +40,23 @@ def mixed_precision(device_type: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def resolve(settings: EmbedSettings, device_type: str) -> EmbedSettings:
+def resolve(settings: EmbedSettings, device_type: str) -> tuple[EmbedSettings, str]:
     """``settings`` with every default decided: architecture, stem and image size from the weights, the precision
-    from the device. Two runs give the same values only when their resolved settings are equal."""
+    from the device; and where the image size came from, in words. Two runs give the same values only when their
+    resolved settings are equal."""
     if settings.weights != "random" and not Path(settings.weights).is_file():
         raise FileNotFoundError(f"weights {settings.weights!r} do not exist")
     info = backbone_info(settings.weights, settings.arch, settings.small_stem)
     precision = mixed_precision(device_type) if settings.precision == "auto" else settings.precision
+    if settings.image_size:
+        origin = "--image-size"
+    elif info.get("image_size"):
+        origin = "the size the weights were pretrained at"
+    else:
+        origin = ("the default: the weights record no pretraining size; give --image-size the size they were "
+                  "pretrained at")
     return dataclasses.replace(settings, arch=info["arch"], small_stem=info["small_stem"], precision=precision,
-                               image_size=settings.image_size or info.get("image_size") or DEFAULT_IMAGE_SIZE)
+                               image_size=settings.image_size or info.get("image_size") or DEFAULT_IMAGE_SIZE), origin
 
 
 def build_network(settings: EmbedSettings) -> nn.Module:
