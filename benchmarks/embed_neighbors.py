@@ -14,6 +14,10 @@ and their neighbours (green frame: shares a class; purple: does not) into --figu
     OMP_NUM_THREADS=1 python benchmarks/embed_neighbors.py --weights runs/demo/checkpoints/last.ckpt \\
         --figure docs/img/embed_neighbors_demo.png
     python benchmarks/embed_neighbors.py --weights runs/s0/export/backbone.safetensors runs/s1/... --seeds 0 1 2
+    python benchmarks/embed_neighbors.py --weights runs/photos/checkpoints/last.ckpt \
+        --coco photos/heldout/coco/annotations/instances_train2017.json   # labelled images of your own
+
+Every network embeds the same centre crops, at the first weights' pretraining size (or --image-size).
 """
 from __future__ import annotations
 
@@ -60,6 +64,17 @@ def class_averaged_precision(rows: list[list], labels: dict) -> float:
     return statistics.mean(statistics.mean(shares) for shares in per_class.values())
 
 
+def chance(labels: dict) -> float:
+    """The share of ordered pairs of different images that share at least one class."""
+    names = sorted(labels)
+    classes = sorted({c for found in labels.values() for c in found})
+    held = torch.zeros(len(names), len(classes))
+    for row, name in enumerate(names):
+        held[row, [classes.index(c) for c in labels[name]]] = 1
+    shared = (held @ held.T > 0).float()
+    return ((shared.sum() - shared.diagonal().sum()) / (len(names) * (len(names) - 1))).item()
+
+
 def random_weights(arch: str, small_stem: bool, seed: int, path: Path) -> str:
     """A randomly initialised backbone (``seed``), saved as torchvision weights ``mls embed`` reads."""
     torch.manual_seed(seed)
@@ -94,7 +109,9 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", required=True, help="pretrained backbones, one per pretraining seed")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="their seeds, for the random networks "
                         "(default: 0, 1, ...)")
-    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--images", type=int, default=500, help="built-in scenes to write (without --coco)")
+    parser.add_argument("--coco", default=None, help="labelled images instead of built-in scenes: a COCO "
+                        "ROOT/annotations/instances_SPLIT.json, its images in ROOT/SPLIT")
     parser.add_argument("--figure", default=None, help="PNG of the first pretrained backbone's first queries")
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=None, help="crop size for every network (default: the "
@@ -109,9 +126,14 @@ def main() -> None:
         parser.error(f"{args.weights[0]} records no pretraining image size: give --image-size")
     measures: dict[str, dict[int, tuple]] = {"pretrained": {}, "random": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        annotations = write_coco(Path(tmp) / "scenes", args.images, 64, seed=1, splits=("val2017",))["val2017"]
+        if args.coco:
+            annotations = Path(args.coco)
+            folder, described = annotations.parent.parent / annotations.stem.removeprefix("instances_"), args.coco
+        else:
+            annotations = write_coco(Path(tmp) / "scenes", args.images, 64, seed=1, splits=("val2017",))["val2017"]
+            folder, described = Path(tmp) / "scenes" / "val2017", "built-in scenes (seed 1, 64 px)"
         files, labels, _ = read_coco_labels(str(annotations))
-        folder, labels = Path(tmp) / "scenes" / "val2017", dict(zip(files, labels))
+        labels = dict(zip(files, labels))
         for seed, weights in zip(seeds, args.weights):
             randomly = random_weights(info["arch"], info["small_stem"], seed, Path(tmp) / f"random{seed}.pth")
             for name, source in (("pretrained", weights), ("random", randomly)):
@@ -119,8 +141,8 @@ def main() -> None:
                 measures[name][seed] = (sum(r[3] for r in rows), len(rows), class_averaged_precision(rows, labels))
                 if name == "pretrained" and args.figure and seed == seeds[0]:
                     figure(rows, folder, args.queries, args.figure)
-    print(f"{args.images} built-in scenes (seed 1, 64 px), {info['arch']} on {info['image_size']} px centre crops, "
-          f"top-{K} neighbours of every image:")
+    print(f"{len(labels):,} images of {described}, {info['arch']} on {info['image_size']} px centre crops, "
+          f"top-{K} neighbours of every image; chance for (a), any two different images: {chance(labels):.3f}")
     for seed in seeds:
         for name in measures:
             shared, total, precision = measures[name][seed]
