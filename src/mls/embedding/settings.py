@@ -26,7 +26,8 @@ class EmbedSettings:
     normalize: bool = setting(True, "L2-normalise each embedding")
     dtype: Literal["float32", "float16"] = setting("float32", "number type of the stored embeddings")
     image_size: int | None = setting(None, "side of the centre crop fed to the network, after resizing the short "
-                                           "side to size / 0.875 (default: the pretraining image size, else 224)")
+                                           "side to size / 0.875 (default: the pretraining image size that a "
+                                           "checkpoint or safetensors export records, else 224)")
     arch: str | None = setting(None, "backbone architecture (default: from the weights, else resnet50)")
     small_stem: bool | None = setting(None, "3x3 stem for small images (default: from the weights, else false)")
     batch_size: int = setting(64, "images per forward pass")
