@@ -101,7 +101,7 @@ def figure(rows: list[list], folder: Path, queries: int, path: str) -> None:
     tiles = [[Tile(load_rgb(folder / q), f"query {q[-8:]}", (0.0, 0.0, 1.0, 1.0), RED)]
              + [Tile(load_rgb(folder / n), f"{n[-8:]} {c:.2f}", None, match=m) for n, c, m in found]
              for q, found in list(by_query.items())[:queries]]
-    render_rows(tiles, Layout(tile=96)).save(path)
+    render_rows(tiles, Layout(tile=96)).convert("RGB").save(path)  # PNG or JPEG
 
 
 def main() -> None:
