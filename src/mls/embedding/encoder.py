@@ -52,6 +52,8 @@ def resolve(settings: EmbedSettings, device_type: str) -> tuple[EmbedSettings, s
         origin = "--image-size"
     elif info.get("image_size"):
         origin = "the size the weights were pretrained at"
+    elif settings.weights == "random":
+        origin = "the default for a random network; --image-size sets it"
     else:
         origin = ("the default: the weights record no pretraining size; give --image-size the size they were "
                   "pretrained at")
