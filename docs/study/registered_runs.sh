@@ -20,9 +20,9 @@ run watch_scenes_batch32 --grid watch --seeds 1 --budget "$C/watch/scenes_batch3
 run watch_scenes_queue64 --grid watch --seeds 1 --budget "$C/watch/scenes_queue64.yaml" --out watch/scenes_queue64
 # entry 3: bunched keys, common push
 run spread_start --grid "$C/spread_start.yaml" --seeds 3 --budget demo --base demo-0.4 --only '[spread_start]' --out spread_start
-# entry 2: on the real photos' held-out part, then at 32 epochs
+# entry 2: on the real photos' held-out part, then at 32 epochs (validation and, once, the test split)
 run fair_pair_photos --grid "$C/fair_pair.yaml" --seeds 3 --budget "$C/fair_pair_photos.yaml" --data datasets/photos/pretrain --only '[recommended_paper_m_dz]' --out fair_pair_photos
-run fair_pair_long --grid "$C/fair_pair.yaml" --seeds 3 --budget long --base demo-0.4 --only '[recommended_paper_m_dz]' --out fair_pair_long
+run fair_pair_long --grid "$C/fair_pair.yaml" --seeds 3 --budget long --base demo-0.4 --only '[recommended_paper_m_dz]' --test true --out fair_pair_long
 # entry 4: the demo backbone's neighbours against a random network's, three pretraining seeds
 for s in 0 1 2; do
   [ -f "demo_seeds/s$s/export/backbone.safetensors" ] && continue
@@ -32,3 +32,7 @@ done
 python "$(dirname "$0")/../../benchmarks/embed_neighbors.py" --seeds 0 1 2 \
     --weights demo_seeds/s0/checkpoints/last.ckpt demo_seeds/s1/checkpoints/last.ckpt demo_seeds/s2/checkpoints/last.ckpt \
     > logs/embed_neighbors.log 2>&1
+# entry 5: the same measure on the real-photo set's held-out part (the photo fair pair's MoCo-v2 cell of seed 0)
+python "$(dirname "$0")/../../benchmarks/embed_neighbors.py" --seeds 0 \
+    --weights fair_pair_photos/cells/mocov2-*/checkpoints/last.ckpt \
+    --coco datasets/photos/heldout/coco/annotations/instances_train2017.json > logs/embed_neighbors_photos.log 2>&1
