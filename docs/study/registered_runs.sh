@@ -32,7 +32,7 @@ done
 python "$(dirname "$0")/../../benchmarks/embed_neighbors.py" --seeds 0 1 2 \
     --weights demo_seeds/s0/checkpoints/last.ckpt demo_seeds/s1/checkpoints/last.ckpt demo_seeds/s2/checkpoints/last.ckpt \
     > logs/embed_neighbors.log 2>&1
-# entry 5: the same measure on the real-photo set's held-out part (the photo fair pair's MoCo-v2 cell of seed 0)
+# entry 5: the same measure on the real-photo set's held-out part (the photo fair pair's MoCo-v2 cell of seed 0, 309dd55c)
 python "$(dirname "$0")/../../benchmarks/embed_neighbors.py" --seeds 0 \
-    --weights fair_pair_photos/cells/mocov2-*/checkpoints/last.ckpt \
+    --weights fair_pair_photos/cells/mocov2-309dd55c/checkpoints/last.ckpt \
     --coco datasets/photos/heldout/coco/annotations/instances_train2017.json > logs/embed_neighbors_photos.log 2>&1
