@@ -289,7 +289,8 @@ STORED = sorted(path.parent.name for path in (Path(__file__).parents[1] / "docs"
 @pytest.mark.parametrize("folder", STORED)
 def test_the_command_above_a_stored_table_finds_every_one_of_its_cells(folder):
     """docs/study's tables were measured on the demo of mls 0.4 (λ = 1): their commands say --base demo-0.4, and
-    each (variant, seed) they ask for is stored under the key that command computes."""
+    each (variant, seed) they ask for (with --only, those named and their controls) is stored under the key that
+    command computes."""
     from mls.study.grids import GRIDS, cell_options, load_budget
     from mls.study.runner import load_results
 
@@ -299,7 +300,8 @@ def test_the_command_above_a_stored_table_finds_every_one_of_its_cells(folder):
     assert options["--base"] == stored["base"] == "demo-0.4"
     grid = options["--grid"] if options["--grid"] in GRIDS else str(path.parents[3] / options["--grid"])
     plan = load_budget(options["--budget"])
-    cells = grid_cells(grid, plan, base="demo-0.4")
+    only = [v.strip() for v in options["--only"].strip("[]").split(",")] if "--only" in options else None
+    cells = grid_cells(grid, plan, only=only, base="demo-0.4")
     found = load_results(path)["cells"]
     for variant, overrides in cells.items():
         settings = cell_options({**plan.pretrain, "data": None, **overrides}, "demo-0.4")
