@@ -8,7 +8,7 @@ from jsonargparse import ArgumentParser
 
 from mls.method.settings import MLSConfig
 from mls.train.commands import pretrain_command
-from mls.train.settings import PretrainSettings
+from mls.train.settings import PRESET_HELP, PretrainSettings
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 COCO = ["mls_coco_r50_800ep.yaml", "mls_coco_r50_400ep.yaml", "mocov2_coco_r50_800ep.yaml",
@@ -59,6 +59,17 @@ def test_the_demo_uses_the_recommended_extra_loss():
 ])
 def test_the_summary_states_the_settings_as_resolved(options, preset, expected):
     assert PretrainSettings.resolve(options, preset).summary() == expected
+
+
+@pytest.mark.parametrize("preset", ["demo", "recommended", "paper"])
+def test_a_mocov2_runs_first_line_names_its_preset_without_an_extra_loss(preset):
+    """Every preset's help describes its extra loss (λ, Eq. 9, its start); a MoCo-v2 run has none to describe."""
+    mls = PretrainSettings.resolve({"data": "d/"}, preset).preset_line()
+    mocov2 = PretrainSettings.resolve({"data": "d/", "method": "mocov2"}, preset).preset_line()
+    assert mls == f"preset '{preset}' ({PRESET_HELP[preset]})"
+    assert mocov2.startswith(f"preset '{preset}' (") and mocov2.endswith("MoCo-v2 has no extra loss)")
+    for term in ("λ", "Eq. 9", "balanced", "from epoch", "first step"):
+        assert term not in mocov2, term
 
 
 @pytest.mark.parametrize("name", COCO)

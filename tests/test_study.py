@@ -288,25 +288,28 @@ STORED = sorted(path.parent.name for path in (Path(__file__).parents[1] / "docs"
 
 @pytest.mark.parametrize("folder", STORED)
 def test_the_command_above_a_stored_table_finds_every_one_of_its_cells(folder):
-    """docs/study's tables were measured on the demo of mls 0.4 (λ = 1): their commands say --base demo-0.4, and
-    each (variant, seed) they ask for (with --only, those named and their controls) is stored under the key that
-    command computes."""
-    from mls.study.grids import GRIDS, cell_options, load_budget
+    """docs/study's tables on the built-in scenes were measured on the demo of mls 0.4 (λ = 1): their commands say
+    --base demo-0.4; those on a folder (--data) have no scene base. Each (variant, seed) a command asks for (with
+    --only, those named and their controls) is stored under the key that command computes."""
+    from mls.study.grids import BUDGETS, GRIDS, cell_options, load_budget
     from mls.study.runner import load_results
 
-    path = Path(__file__).parents[1] / "docs" / "study" / folder / "results.json"
+    root = Path(__file__).parents[1]
+    path = root / "docs" / "study" / folder / "results.json"
     stored = json.loads(path.read_text())
     options = dict(zip(*[iter(shlex.split(stored["command"])[2:])] * 2))
-    assert options["--base"] == stored["base"] == "demo-0.4"
-    grid = options["--grid"] if options["--grid"] in GRIDS else str(path.parents[3] / options["--grid"])
-    plan = load_budget(options["--budget"])
+    data = options.get("--data")
+    base = None if data else "demo-0.4"
+    assert options.get("--base") == base == stored["base"]
+    grid = options["--grid"] if options["--grid"] in GRIDS else str(root / options["--grid"])
+    plan = load_budget(options["--budget"] if options["--budget"] in BUDGETS else str(root / options["--budget"]))
     only = [v.strip() for v in options["--only"].strip("[]").split(",")] if "--only" in options else None
-    cells = grid_cells(grid, plan, only=only, base="demo-0.4")
+    cells = grid_cells(grid, plan, data, only, base or "demo")
     found = load_results(path)["cells"]
     for variant, overrides in cells.items():
-        settings = cell_options({**plan.pretrain, "data": None, **overrides}, "demo-0.4")
+        settings = cell_options({**plan.pretrain, "data": data, **overrides}, base)
         for seed in range(int(options["--seeds"])):
-            assert cell_key(settings, seed, "demo-0.4") in found, (variant, seed)
+            assert cell_key(settings, seed, base) in found, (variant, seed)
 
 
 def test_results_of_an_older_key_are_found_under_the_current_one(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ run watch_scenes_queue64 --grid watch --seeds 1 --budget "$C/watch/scenes_queue6
 run spread_start --grid "$C/spread_start.yaml" --seeds 3 --budget demo --base demo-0.4 --only '[spread_start]' --out spread_start
 # entry 2: on the real photos' held-out part, then at 32 epochs (validation and, once, the test split)
 run fair_pair_photos --grid "$C/fair_pair.yaml" --seeds 3 --budget "$C/fair_pair_photos.yaml" --data datasets/photos/pretrain --only '[recommended_paper_m_dz]' --out fair_pair_photos
+python "$(dirname "$0")/watch/random_probe.py" datasets/photos/heldout 64 false > logs/random_probe_heldout.json  # its random reference
 run fair_pair_long --grid "$C/fair_pair.yaml" --seeds 3 --budget long --base demo-0.4 --only '[recommended_paper_m_dz]' --test true --out fair_pair_long
 # entry 4: the demo backbone's neighbours against a random network's, three pretraining seeds
 for s in 0 1 2; do

@@ -10,5 +10,5 @@ torch and torchvision::
 """
 from mls.method import MLS, FeatureQueue, MLSConfig, bce, bce_pos, infonce, knn_softmax, select_topk
 
-__version__ = "0.9.1"
+__version__ = "0.9.2"
 __all__ = ["MLS", "MLSConfig", "FeatureQueue", "select_topk", "infonce", "bce", "bce_pos", "knn_softmax"]

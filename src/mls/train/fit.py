@@ -31,7 +31,7 @@ from mls.train.monitor import monitor_callbacks, open_monitor
 from mls.train.pretrain_options import PretrainOptions
 from mls.train.resume import check_resumable, checkpoint_callbacks, last_checkpoint, start_point, trainer_plugins
 from mls.train.run_record import export_run_backbone, write_config
-from mls.train.settings import PRESET_HELP, PretrainSettings, TrainConfig
+from mls.train.settings import PretrainSettings, TrainConfig
 from mls.train.summary import run_summary
 from mls.train.watch import HealthWatch
 
@@ -160,8 +160,7 @@ def pretrain(out: str | None = None, resume: str | None = None,
     check_settings(len(data.source), settings.train.batch_size, world_size, settings.model.queue_size)
     monitor = build_monitor(settings, out_dir)
     ensure_writable_folder(out_dir)  # the last check before the run's first line: a refused run leaves no folder
-    rank_zero_info(f"mls pretrain: preset '{settings.preset}' ({PRESET_HELP[settings.preset]}); "
-                   f"{settings.summary()}; writing to {out_dir}")
+    rank_zero_info(f"mls pretrain: {settings.preset_line()}; {settings.summary()}; writing to {out_dir}")
     write_config(settings, out_dir)
     trainer = build_trainer(settings.train, out_dir, monitor)
     if trainer.world_size != world_size:  # devices named in a way planned_world_size does not read

@@ -175,6 +175,13 @@ class PretrainSettings:
         check(not unknown, "options", f"unknown settings {sorted(unknown)}")
         return cls(*(from_dict(group, values) for group in SETTINGS), preset)
 
+    def preset_line(self) -> str:
+        """The preset and what it holds, as a run's first line names it; for MoCo-v2, which has no extra loss,
+        only what it takes from the preset (a preset's help describes its extra loss)."""
+        if self.model.method == "mocov2":
+            return f"preset '{self.preset}' (its backbone, views, queue and optimiser; MoCo-v2 has no extra loss)"
+        return f"preset '{self.preset}' ({PRESET_HELP[self.preset]})"
+
     def summary(self) -> str:
         """The settings that decide what a run learns, as resolved: "MLS: ResNet-18, 64 px, D 1,024, k 20, λ 0.25
         (BCE balanced), extra loss from epoch 2"."""
